@@ -1,0 +1,135 @@
+"""The Gemma-2 decoder: embed, scan over stacked layer groups, final norm, tied and softcapped logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemma_jax.attention import softcap
+from gemma_jax.block import LayerGroup
+from gemma_jax.config import GemmaConfig
+from gemma_jax.embedder import Embedder
+from gemma_jax.kv_cache import EMPTY, KVCache
+from gemma_jax.norm import RMSNorm
+
+
+class Transformer(nnx.Module):
+    """Gemma-2 causal LM.
+
+    Layers are stored as `groups`: one LayerGroup per period of `config.layer_pattern`
+    (sliding, global), stacked on a leading axis and run with `lax.scan`, so compile time does not
+    grow with depth. Layers left over after the last whole period (odd layer counts) live in `tail`.
+    Parameters are stored in `param_dtype` and computed in `dtype`; norms, softmax and the final
+    softcap run in float32 whatever `dtype` is.
+    """
+
+    def __init__(
+        self,
+        config: GemmaConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.embedder = Embedder(config.vocab_size, config.hidden_size, rngs=rngs, **kw)
+
+        @nnx.split_rngs(splits=max(config.num_groups, 1))
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
+        def make_groups(rngs: nnx.Rngs) -> LayerGroup:
+            return LayerGroup(config, config.layer_pattern, rngs=rngs, **kw)
+
+        self.groups = make_groups(rngs) if config.num_groups else None
+        tail_kinds = config.layer_pattern[: config.num_tail_layers]
+        self.tail = LayerGroup(config, tail_kinds, rngs=rngs, **kw) if tail_kinds else None
+        self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int
+        positions: jax.Array | None = None,  # [B, T] int, absolute position of each token
+        mask: jax.Array | None = None,  # [B, T] bool, False on padding
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits [B, T, V] (float32) and, when a cache is given, the cache with these tokens stored.
+
+        Defaults: mask all True; positions count the unmasked tokens of each row from 0, which is
+        what a left-padded batch needs. With a cache, pass the true positions (after the cached ones).
+        """
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        if positions is None:
+            positions = jnp.cumsum(mask, axis=1) - 1
+        positions = jnp.where(mask, positions, EMPTY).astype(jnp.int32)
+
+        x = self.embedder.encode(tokens)  # [B, T, D]
+        group_caches = tail_caches = None
+        if self.groups is not None:
+            x, group_caches = self._scan_groups(x, positions, None if cache is None else cache.groups)
+        if self.tail is not None:
+            x, tail_caches = self.tail(x, positions, None if cache is None else cache.tail)
+        x = self.final_norm(x)
+        logits = softcap(self.embedder.decode(x).astype(jnp.float32), self.config.final_logit_softcap)
+        if cache is None:
+            return logits, None
+        return logits, KVCache(groups=group_caches or (), tail=tail_caches or ())
+
+    def _scan_groups(self, x, positions, caches):
+        graphdef, state = nnx.split(self.groups)
+
+        def body(x, group_state_and_cache):
+            group_state, group_cache = group_state_and_cache
+            group = nnx.merge(graphdef, group_state)
+            return group(x, positions, group_cache)
+
+        return jax.lax.scan(body, x, (state, caches))
+
+
+def abstract_model(config: GemmaConfig, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
+    """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, nothing allocated."""
+    return nnx.eval_shape(lambda: Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def from_params(
+    config: GemmaConfig,
+    params: dict,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype | None = None,
+) -> Transformer:
+    """A model holding `params` (our nested layout, e.g. from `params.from_hf_state_dict`) without a random init.
+
+    `param_dtype` defaults to the dtype of the embedding in `params`; every leaf is cast to it.
+    """
+    if param_dtype is None:
+        param_dtype = jnp.asarray(params["embedder"]["embedding"]).dtype
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, param_dtype=param_dtype))
+    expected = state.to_pure_dict()
+    _check_tree(expected, params)
+    state.replace_by_pure_dict(jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype), expected, params))
+    return nnx.merge(graphdef, state)
+
+
+def params_of(model: Transformer) -> dict:
+    """The model's parameters as a plain nested dict of arrays (the layout `params.py` maps)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def _check_tree(expected: dict, given: dict, path: str = "") -> None:
+    """Name the first missing key or shape mismatch instead of failing inside a tree_map."""
+    if not isinstance(given, dict):
+        raise ValueError(f"params at {path or '<root>'!r} should be a dict, got {type(given).__name__}")
+    for key in set(expected) | set(given):
+        where = f"{path}.{key}" if path else str(key)
+        if key not in given:
+            raise ValueError(f"params missing {where!r}")
+        if key not in expected:
+            raise ValueError(f"params have unexpected entry {where!r}")
+        e, g = expected[key], given[key]
+        if isinstance(e, dict):
+            _check_tree(e, g, where)
+        elif tuple(e.shape) != tuple(jnp.shape(g)):
+            raise ValueError(f"params {where!r} has shape {tuple(jnp.shape(g))}, expected {tuple(e.shape)}")
