@@ -9,6 +9,7 @@ from flax import nnx
 from gemma_jax import kv_cache
 from gemma_jax.config import SLIDING, GemmaConfig
 from gemma_jax.linear import Linear
+from gemma_jax.norm import RMSNorm
 from gemma_jax.rope import apply_rope
 
 
@@ -62,7 +63,12 @@ class Attention(nnx.Module):
         self.window = config.sliding_window if self.sliding else None
         self.scale = config.query_pre_attn_scalar**-0.5
         self.cap = config.attn_logit_softcap
-        self.rope_theta = config.rope_theta
+        self.rope_theta, self.rope_scale = config.rope(kind)
+        if config.qk_norm:  # Gemma-3: RMSNorm over head_dim on q and k, before RoPE
+            norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype, axis="head_dim")
+            self.q_norm, self.k_norm = RMSNorm(h, **norm), RMSNorm(h, **norm)
+        else:
+            self.q_norm = self.k_norm = None
 
     def __call__(
         self,
@@ -70,10 +76,12 @@ class Attention(nnx.Module):
         positions: jax.Array,  # [B, T] int32, EMPTY on padding
         cache: kv_cache.LayerCache | None,
     ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
+        q, k, v = self.q(x), self.k(x), self.v(x)  # [B, T, N, H], [B, T, K, H], [B, T, K, H]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         rope_pos = jnp.maximum(positions, 0)
-        q = apply_rope(self.q(x), rope_pos, self.rope_theta)  # [B, T, N, H]
-        k = apply_rope(self.k(x), rope_pos, self.rope_theta)  # [B, T, K, H]
-        v = self.v(x)  # [B, T, K, H]
+        q = apply_rope(q, rope_pos, self.rope_theta, self.rope_scale)
+        k = apply_rope(k, rope_pos, self.rope_theta, self.rope_scale)
         keys, values, key_pos = k, v, positions
         if cache is not None:
             # Attend over what was cached before this call plus the new tokens, then store the new

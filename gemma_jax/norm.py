@@ -17,9 +17,9 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 class RMSNorm(nnx.Module):
     """Learned per-channel scale, stored as an offset from 1 (zero-initialised), exactly as in HF checkpoints."""
 
-    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype):
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype, axis: str = "embed"):
         self.eps = eps
-        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("embed",))  # [D]
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=(axis,))  # [D] (or [H] for q/k norms)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.scale[...], self.eps)

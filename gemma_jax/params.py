@@ -74,12 +74,21 @@ LAYER_RULES = (
     Rule("mlp.up_proj.weight", ("mlp", "up", "kernel"), _t, _t),
     Rule("mlp.down_proj.weight", ("mlp", "down", "kernel"), _t, _t),
 )
+# Gemma-3 only: RMSNorm over head_dim on q and k.
+QK_NORM_RULES = (
+    Rule("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), _same, _same),  # [H]
+    Rule("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), _same, _same),  # [H]
+)
 # fmt: on
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_LAYER_RULES_BY_NAME = {r.hf: r for r in LAYER_RULES}
 _GLOBAL_RULES_BY_NAME = {r.hf: r for r in GLOBAL_RULES}
 # Tensors HF may save that carry no information of their own (tied to the embedding).
 IGNORED_HF_TENSORS = frozenset({"lm_head.weight"})
+
+
+def layer_rules(config: GemmaConfig) -> tuple[Rule, ...]:
+    """The per-layer rules of this architecture."""
+    return LAYER_RULES + (QK_NORM_RULES if config.qk_norm else ())
 
 
 def layer_location(config: GemmaConfig, layer: int) -> tuple[Path, int | None]:
@@ -107,18 +116,21 @@ def placement(name: str, config: GemmaConfig) -> Placement:
         rule = _GLOBAL_RULES_BY_NAME[name]
         return Placement(name, rule.ours, None, rule)
     m = _LAYER_NAME.fullmatch(name)
-    if m and m.group(2) in _LAYER_RULES_BY_NAME and int(m.group(1)) < config.num_layers:
-        rule = _LAYER_RULES_BY_NAME[m.group(2)]
+    rules = {r.hf: r for r in layer_rules(config)}
+    if m and m.group(2) in rules and int(m.group(1)) < config.num_layers:
+        rule = rules[m.group(2)]
         prefix, index = layer_location(config, int(m.group(1)))
         return Placement(name, prefix + rule.ours, index, rule)
-    raise ParamMappingError(f"unexpected tensor {name!r}: not part of a {config.num_layers}-layer Gemma-2 model")
+    raise ParamMappingError(
+        f"unexpected tensor {name!r}: not part of a {config.num_layers}-layer {config.model_type} model"
+    )
 
 
 def hf_names(config: GemmaConfig) -> Iterator[str]:
-    """Every tensor name an HF Gemma-2 checkpoint of this config holds, in HF order."""
+    """Every tensor name an HF checkpoint of this config holds, in HF order."""
     yield "model.embed_tokens.weight"
     for i in range(config.num_layers):
-        for rule in LAYER_RULES:
+        for rule in layer_rules(config):
             yield f"model.layers.{i}.{rule.hf}"
     yield "model.norm.weight"
 
@@ -137,6 +149,8 @@ def hf_shape(name: str, config: GemmaConfig) -> tuple[int, ...]:
         "gate_proj": (f, d),
         "up_proj": (f, d),
         "down_proj": (d, f),
+        "q_norm": (c.head_dim,),
+        "k_norm": (c.head_dim,),
     }.get(suffix, (d,))
 
 

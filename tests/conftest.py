@@ -15,7 +15,7 @@ import gemma_jax as gj
 
 
 def hf_model(config: gj.GemmaConfig, seed: int = 0):
-    """A float32 eager-attention `Gemma2ForCausalLM` with random weights (norms included).
+    """A float32 eager-attention HF `Gemma2ForCausalLM` (or `Gemma3ForCausalLM`) with random weights, norms included.
 
     HF's default init (std 0.02, zero norms) gives near-zero logits that would pass any tolerance;
     larger weights push scores past the softcaps and make every term count.
@@ -23,8 +23,11 @@ def hf_model(config: gj.GemmaConfig, seed: int = 0):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    hf_config = transformers.Gemma2Config(**config.to_hf(), attn_implementation="eager")
-    model = transformers.Gemma2ForCausalLM(hf_config).eval()
+    if config.model_type == "gemma3_text":
+        config_cls, model_cls = transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM
+    else:
+        config_cls, model_cls = transformers.Gemma2Config, transformers.Gemma2ForCausalLM
+    model = model_cls(config_cls(**config.to_hf(), attn_implementation="eager")).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             std = 0.3 if "norm" in name else (0.5 if "embed" in name else 0.15)

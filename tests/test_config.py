@@ -136,3 +136,40 @@ def test_layer_types():
     assert gj.gemma2_tiny(num_layers=5).layer_types == ("sliding", "global") * 2 + ("sliding",)
     all_global = gj.GemmaConfig.from_hf(COMMON | RELEASED["gemma2_2b"] | dict(layer_types=["full_attention"] * 26))
     assert all_global.layer_pattern == ("global",)
+
+
+# google/gemma-3-270m config.json as published (flat RoPE keys, layer_types spelled out)
+GEMMA3_270M_JSON = dict(
+    architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262144, hidden_size=640,
+    intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+    query_pre_attn_scalar=256, sliding_window=512, attn_logit_softcapping=None, final_logit_softcapping=None,
+    rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling=None, rms_norm_eps=1e-06,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=32768, use_bidirectional_attention=False,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, torch_dtype="bfloat16",
+)  # fmt: skip
+
+
+def test_gemma3_270m_config_json():
+    config = gj.GemmaConfig.from_hf(GEMMA3_270M_JSON)
+    assert config == gj.gemma3_270m()
+    assert config.layer_pattern == ("sliding",) * 5 + ("global",) and config.num_groups == 3
+    assert config.rope("sliding") == (10_000.0, 1.0) and config.rope("global") == (1_000_000.0, 1.0)
+
+
+@pytest.mark.parametrize("name", ["gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b", "gemma3_tiny"])
+def test_gemma3_round_trips_through_transformers(name):
+    transformers = pytest.importorskip("transformers")
+    config = gj.preset(name)
+    assert gj.GemmaConfig.from_hf(config.to_hf()) == config
+    hf = transformers.Gemma3TextConfig(**config.to_hf())
+    assert gj.GemmaConfig.from_hf(hf.to_dict()) == config
+
+
+def test_gemma3_multimodal_config_uses_text_config():
+    text = {k: v for k, v in gj.gemma3_4b().to_hf().items() if k != "model_type"}
+    assert gj.GemmaConfig.from_hf({"model_type": "gemma3", "text_config": text}) == gj.gemma3_4b()
+
+
+def test_gemma3_older_config_with_period_only():
+    old = {k: v for k, v in GEMMA3_270M_JSON.items() if k != "layer_types"} | {"sliding_window_pattern": 6}
+    assert gj.GemmaConfig.from_hf(old) == gj.gemma3_270m()

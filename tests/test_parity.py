@@ -26,6 +26,10 @@ CONFIGS = {
     "odd_layers": gj.gemma2_tiny(num_layers=5),
     # no softcaps at all (HF allows None)
     "no_softcap": gj.gemma2_tiny(attn_logit_softcap=None, final_logit_softcap=None),
+    # Gemma-3 text: q/k norms, local/global RoPE bases, linear RoPE scaling on global layers,
+    # 5:1 pattern (one scanned 6-layer group + a 2-layer tail), window 8 < 40, no softcaps
+    "gemma3": gj.gemma3_tiny(),
+    "gemma3_mqa_unscaled": gj.gemma3_tiny(num_kv_heads=1, global_rope_scale=1.0, num_layers=12),
 }
 
 
