@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemma_jax import quant
+
 # HF initialises every projection and the embedding with N(0, 0.02).
 INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -13,7 +15,9 @@ INIT = nnx.initializers.normal(stddev=0.02)
 class Linear(nnx.Module):
     """y = einsum(spec, x, w); w has shape `shape` and one logical axis name per dimension.
 
-    The weight is stored in `param_dtype` and cast to the compute `dtype` before the matmul.
+    The weight is stored in `param_dtype` and cast to the compute `dtype` before the matmul, unless
+    `fp8.quantize_model` made it an FP8 kernel [out..., in...] with a per-channel `scale` and set `quant`
+    to "weight_only" or "w8a8" (see gemma_jax/quant.py).
     """
 
     def __init__(
@@ -29,6 +33,11 @@ class Linear(nnx.Module):
         self.spec = spec
         self.dtype = dtype
         self.kernel = nnx.Param(INIT(rngs.params(), shape, param_dtype), logical_axes=logical_axes)
+        self.quant: str | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.quant is not None:
+            return quant.fp8_einsum(
+                self.spec, x.astype(self.dtype), self.kernel[...], self.scale[...], w8a8=self.quant == "w8a8"
+            )
         return jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))

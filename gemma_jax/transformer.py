@@ -106,7 +106,12 @@ def from_params(
     """
     if param_dtype is None:
         param_dtype = jnp.asarray(params["embedder"]["embedding"]).dtype
-    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, param_dtype=param_dtype))
+    return with_params(abstract_model(config, dtype=dtype, param_dtype=param_dtype), params)
+
+
+def with_params(abstract: Transformer, params: dict) -> Transformer:
+    """`abstract` (from `abstract_model` or `fp8.abstract_model`) holding `params`, each cast to its leaf's dtype."""
+    graphdef, state = nnx.split(abstract)
     expected = state.to_pure_dict()
     _check_tree(expected, params)
     state.replace_by_pure_dict(jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype), expected, params))
