@@ -74,6 +74,10 @@ def main() -> None:
             f"{name:<20} {compile_s:>13.2f} {n_tokens / ours_s:>11.0f} {first_s:>10.2f} "
             f"{n_tokens / hf_s:>10.0f} {hf_s / ours_s:>6.2f}x"
         )
+    # Layers are scanned, so compile time should not grow with depth.
+    tokens = np.zeros((args.batch, args.length), np.int32)
+    times = {depth: bench_ours(gj.gemma2_tiny(num_layers=depth), tokens, 1)[0] for depth in (4, 42)}
+    print(f"tiny compile s at 4 layers: {times[4]:.2f}, at 42 layers: {times[42]:.2f} ({times[42] / times[4]:.2f}x)")
 
 
 if __name__ == "__main__":
