@@ -34,6 +34,9 @@ class Transformer(nnx.Module):
     ):
         self.config = config
         self.dtype = dtype
+        # Training sets this: each scanned group is recomputed in the backward pass (activation
+        # memory of one group instead of all of them).
+        self.remat = False
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embedder = Embedder(config.vocab_size, config.hidden_size, rngs=rngs, **kw)
 
@@ -85,7 +88,7 @@ class Transformer(nnx.Module):
             group = nnx.merge(graphdef, group_state)
             return group(x, positions, group_cache)
 
-        return jax.lax.scan(body, x, (state, caches))
+        return jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, (state, caches))
 
 
 def abstract_model(config: GemmaConfig, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
