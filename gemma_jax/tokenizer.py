@@ -76,8 +76,11 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; control tokens (BOS, EOS, pad) decode to nothing, bytes are reassembled."""
-        return self._sp.decode([int(i) for i in ids])
+        """Text of `ids`; control tokens (BOS, EOS, pad) decode to nothing, bytes are reassembled.
+
+        Ids past the tokenizer's vocabulary (a model's embedding may be padded beyond it) decode to nothing.
+        """
+        return self._sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Gemma-2's chat template: `<bos><start_of_turn>user\\n{text}<end_of_turn>\\n...<start_of_turn>model\\n`.

@@ -120,5 +120,5 @@ def test_from_dir_reads_generation_config(tiny_tokenizer, tmp_path):
 
 
 def test_from_dir_without_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.model"):
         Tokenizer.from_dir(tmp_path)

@@ -1,0 +1,352 @@
+"""Text generation: bucketed, chunked prefill into a KV cache, then the whole decode loop inside jit.
+
+The pieces are public so a server can run a continuous batch: `prefill` a new request into its
+own cache, `start` its decode row, `insert` both into a free row of the running batch between
+`decode` calls, and read rows whose `done` flag is set. `Sampler.generate` and `Sampler.stream`
+are built from the same pieces. Every jitted function takes the model as (graphdef static,
+state argument), so weights are inputs of the compiled program, not constants baked into it, and
+compiled programs are shared by every Sampler over the same architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from gemma_jax.kv_cache import EMPTY, KVCache
+from gemma_jax.sampling import SamplingParams, sample
+from gemma_jax.tokenizer import Tokenizer
+from gemma_jax.transformer import Transformer
+
+logger = logging.getLogger(__name__)
+
+MIN_BUCKET = 32  # shortest padded prompt; buckets double up to the prefill chunk
+NO_TOKEN = -1  # in decode output: the row produced nothing at this step
+
+
+@struct.dataclass
+class DecodeState:
+    """Per-row decode slots, each [B]. A row with `done` set is finished or free and is skipped."""
+
+    tokens: jax.Array  # [B] int32, the last sampled token: the next model input
+    positions: jax.Array  # [B] int32, the position `tokens` will be written at
+    done: jax.Array  # [B] bool
+    generated: jax.Array  # [B] int32, tokens sampled so far (the stop token included)
+    max_new_tokens: jax.Array  # [B] int32
+    params: SamplingParams
+    keys: jax.Array  # [B] PRNG keys, split at every sampled token
+
+    @classmethod
+    def empty(cls, batch: int) -> DecodeState:
+        """A batch of free rows."""
+        def zeros():  # distinct buffers: the state is donated to the jitted steps
+            return jnp.zeros((batch,), jnp.int32)
+
+        return cls(
+            tokens=zeros(),
+            positions=zeros(),
+            done=jnp.ones((batch,), bool),
+            generated=zeros(),
+            max_new_tokens=zeros(),
+            params=SamplingParams.create(batch),
+            keys=jax.random.split(jax.random.key(0), batch),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One prompt's output. `token_ids` and `text` stop before the stop token."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop id was sampled) or "length" (max_new_tokens reached)
+
+
+def bucket(length: int, chunk: int) -> int:
+    """Padded prompt length: a power of two from MIN_BUCKET up to `chunk`, else a multiple of `chunk`."""
+    if length > chunk:
+        return -(-length // chunk) * chunk
+    return min(chunk, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows right-aligned in [B, length]: (tokens, mask). The last column holds every row's last token."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, ids in enumerate(prompts):
+        tokens[row, length - len(ids) :] = ids
+        mask[row, length - len(ids) :] = True
+    return tokens, mask
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _prefill_chunk(graphdef, state, cache, tokens, positions, mask):
+    """Store one chunk [B, T] in the cache; return the logits of its last column [B, V]."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens, positions, mask, cache)
+    return logits[:, -1], cache
+
+
+@jax.jit
+def start(logits, lengths, max_new_tokens, params: SamplingParams, keys, stop_ids) -> DecodeState:
+    """Decode rows for prompts whose prefill gave `logits` [B, V]: samples each row's first token."""
+    keys, step_keys = _split(keys)
+    first = sample(logits, params, step_keys)
+    return DecodeState(
+        tokens=first,
+        positions=lengths.astype(jnp.int32),
+        done=jnp.isin(first, stop_ids) | (max_new_tokens <= 1),
+        generated=jnp.ones_like(first),
+        max_new_tokens=max_new_tokens.astype(jnp.int32),
+        params=params,
+        keys=keys,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2, 3))
+def _decode(graphdef, state, cache: KVCache, dstate: DecodeState, stop_ids, num_steps: int):
+    """Up to `num_steps` decode steps in one `lax.while_loop`, ending early once every row is done.
+
+    Returns (cache, dstate, tokens [B, num_steps]) with NO_TOKEN where a row sampled nothing.
+    """
+    batch = dstate.tokens.shape[0]
+
+    def cond(carry):
+        step, _, ds, _ = carry
+        return (step < num_steps) & ~jnp.all(ds.done)
+
+    def body(carry):
+        step, cache, ds, out = carry
+        model = nnx.merge(graphdef, state)
+        live = ~ds.done  # [B]
+        logits, cache = model(ds.tokens[:, None], ds.positions[:, None], live[:, None], cache)
+        keys, step_keys = _split(ds.keys)
+        token = sample(logits[:, 0], ds.params, step_keys)  # [B]
+        generated = ds.generated + live
+        stop = jnp.isin(token, stop_ids) | (generated >= ds.max_new_tokens)
+        ds = ds.replace(
+            tokens=jnp.where(live, token, ds.tokens),
+            positions=ds.positions + live,
+            done=ds.done | (live & stop),
+            generated=generated,
+            keys=jnp.where(live, keys, ds.keys),
+        )
+        out = out.at[:, step].set(jnp.where(live, token, NO_TOKEN))
+        return step + 1, cache, ds, out
+
+    out = jnp.full((batch, num_steps), NO_TOKEN, jnp.int32)
+    _, cache, dstate, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, dstate, out))
+    return cache, dstate, out
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def insert(cache: KVCache, dstate: DecodeState, row_cache: KVCache, row_state: DecodeState, row):
+    """Put a one-row request (its prefilled cache and started state) into row `row` of a running batch."""
+
+    def put(axis):
+        return lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), row, axis)
+
+    cache = KVCache(
+        groups=jax.tree.map(put(1), cache.groups, row_cache.groups),  # stacked: [G, B, ...]
+        tail=jax.tree.map(put(0), cache.tail, row_cache.tail),
+    )
+    return cache, jax.tree.map(put(0), dstate, row_state)
+
+
+def _split(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row key split: (carried keys [B], keys to use now [B])."""
+    pairs = jax.vmap(jax.random.split)(keys)  # [B, 2]
+    return pairs[:, 0], pairs[:, 1]
+
+
+class Sampler:
+    """Generates text from a `Transformer` with a KV cache of `cache_length` tokens per row.
+
+    Prompts longer than `prefill_chunk` are prefilled in chunks of that size (attention over a
+    chunk costs [B, N, chunk, cache + chunk] scores). `stream_steps` decode steps run per jit call
+    when streaming. The model's weights are captured when the Sampler is built.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        cache_length: int = 16384,
+        prefill_chunk: int = 2048,
+        cache_dtype: jnp.dtype | str | None = None,
+        stream_steps: int = 16,
+    ):
+        for name, value in (
+            ("cache_length", cache_length),
+            ("prefill_chunk", prefill_chunk),
+            ("stream_steps", stream_steps),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} pieces but the model only {model.config.vocab_size}: "
+                "is this the checkpoint's tokenizer?"
+            )
+        try:
+            self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+        except TypeError as e:
+            raise ValueError(f"unknown cache dtype {cache_dtype!r}; use e.g. 'bfloat16' or 'float32'") from e
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.cache_length = cache_length
+        self.prefill_chunk = prefill_chunk
+        self.stream_steps = stream_steps
+        self._graphdef, self._state = nnx.split(model)
+        self._stop_ids = jnp.asarray(tokenizer.stop_ids, jnp.int32)
+
+    # -- the pieces a server composes -------------------------------------------------------
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache.create(self.config, batch, self.cache_length, self.cache_dtype)
+
+    def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, KVCache]:
+        """Write token-id prompts (one per cache row) into `cache`; return each row's next-token logits [B, V].
+
+        Prompts are left-padded to a bucket, so there is one compile per (bucket, batch size).
+        """
+        self._check_lengths(prompts, max_new_tokens=0)
+        longest = max(map(len, prompts))
+        padded = bucket(longest, self.prefill_chunk)
+        chunk = min(padded, self.prefill_chunk)
+        logger.info("prefill: batch %d, longest prompt %d -> bucket %d (%d chunk(s) of %d)",
+                    len(prompts), longest, padded, padded // chunk, chunk)  # fmt: skip
+        tokens, mask = left_pad(prompts, padded, self.tokenizer.pad_id)
+        positions = np.where(mask, np.cumsum(mask, axis=1) - 1, EMPTY).astype(np.int32)
+        for s in range(0, padded, chunk):
+            cols = slice(s, s + chunk)
+            logits, cache = _prefill_chunk(
+                self._graphdef, self._state, cache, tokens[:, cols], positions[:, cols], mask[:, cols]
+            )
+        return logits, cache
+
+    def start(
+        self,
+        logits: jax.Array,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: int,
+    ) -> DecodeState:
+        """Decode rows for prefilled `prompts`: the first token sampled, one PRNG key per row from `seed`."""
+        batch = len(prompts)
+        keys = jax.random.split(jax.random.key(seed), batch)
+        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        return start(logits, lengths, jnp.full((batch,), max_new_tokens, jnp.int32), params, keys, self._stop_ids)
+
+    def decode(self, cache: KVCache, dstate: DecodeState, num_steps: int) -> tuple[KVCache, DecodeState, np.ndarray]:
+        """Run up to `num_steps` steps (static: one compile per value); tokens [B, num_steps], NO_TOKEN = none."""
+        cache, dstate, out = _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
+        return cache, dstate, np.asarray(out)
+
+    # -- whole requests ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        chat: bool = False,
+    ) -> list[Completion]:
+        """Complete a batch of prompts (text, or token ids used as given); `chat` wraps text in the chat template."""
+        ids = self._encode(prompts, chat)
+        params = SamplingParams.create(len(ids), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        self._check_request(ids, max_new_tokens)
+        steps = 1 << max(max_new_tokens - 2, 0).bit_length()  # decode steps after the first token, bucketed
+        rows = [[] for _ in ids]
+        for new in self._run(ids, max_new_tokens, params, seed, steps):
+            for row, token in zip(rows, new, strict=True):
+                row.extend(t for t in token.tolist() if t != NO_TOKEN)
+        return [self._completion(row) for row in rows]
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        chat: bool = False,
+    ) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces, `stream_steps` tokens per jit call."""
+        ids = self._encode([prompt], chat)
+        params = SamplingParams.create(1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        self._check_request(ids, max_new_tokens)
+        decoder = self.tokenizer.stream_decoder()
+        stop = set(self.tokenizer.stop_ids)
+        for new in self._run(ids, max_new_tokens, params, seed, self.stream_steps):
+            text = decoder.push(t for t in new[0].tolist() if t != NO_TOKEN and t not in stop)
+            if text:
+                yield text
+        if text := decoder.flush():
+            yield text
+
+    def _run(self, ids, max_new_tokens, params, seed, steps) -> Iterator[np.ndarray]:
+        """Prefill, start, then decode `steps` at a time until every row is done: yields new tokens [B, n]."""
+        logits, cache = self.prefill(self.new_cache(len(ids)), ids)
+        dstate = self.start(logits, ids, max_new_tokens, params, seed)
+        yield np.asarray(dstate.tokens)[:, None]
+        while not bool(jnp.all(dstate.done)):
+            cache, dstate, out = self.decode(cache, dstate, steps)
+            yield out
+
+    def _encode(self, prompts: Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
+        if isinstance(prompts, str) or not len(prompts):
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+        ids = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if not p:
+                    raise ValueError(f"prompt {i} is empty")
+                msgs = [{"role": "user", "content": p}]
+                ids.append(self.tokenizer.encode_chat(msgs) if chat else self.tokenizer.encode(p))
+            else:
+                ids.append([int(t) for t in p])
+        return ids
+
+    def _check_request(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        self._check_lengths(prompts, max_new_tokens)
+
+    def _check_lengths(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """Everything a row will hold must fit its cache; checked before anything compiles."""
+        vocab = self.config.vocab_size
+        for i, p in enumerate(prompts):
+            if not len(p):
+                raise ValueError(f"prompt {i} is empty")
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
+            if len(p) + max_new_tokens > self.cache_length:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                    f"{len(p) + max_new_tokens} cache slots but cache_length is {self.cache_length}: "
+                    "shorten the prompt, lower max_new_tokens or raise cache_length"
+                )
+
+    def _completion(self, tokens: list[int]) -> Completion:
+        stopped = bool(tokens) and tokens[-1] in self.tokenizer.stop_ids
+        if stopped:
+            tokens = tokens[:-1]
+        return Completion(self.tokenizer.decode(tokens), tokens, "stop" if stopped else "length")

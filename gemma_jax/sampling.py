@@ -1,0 +1,95 @@
+"""Next-token choice: greedy, temperature, top-k, top-p and min-p, with every parameter per row.
+
+Parameters are arrays, not static arguments, so one compiled decode step serves rows with
+different settings (a server mixes requests in one batch). The filters run in HF's order
+(temperature, top-k, top-p, min-p); a row with temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class SamplingParams:
+    """Per-row settings, each [B]: temperature 0 = greedy; top_k 0, top_p 1 and min_p 0 disable a filter."""
+
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32
+    top_p: jax.Array  # [B] float32
+    min_p: jax.Array  # [B] float32
+
+    @classmethod
+    def create(
+        cls,
+        batch: int,
+        *,
+        temperature: float | Sequence[float] = 0.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        min_p: float | Sequence[float] = 0.0,
+    ) -> SamplingParams:
+        """Validated per-row arrays from scalars (broadcast to every row) or per-row sequences."""
+        values = {
+            "temperature": np.broadcast_to(np.asarray(temperature, np.float32), (batch,)),
+            "top_k": np.broadcast_to(np.asarray(top_k, np.int32), (batch,)),
+            "top_p": np.broadcast_to(np.asarray(top_p, np.float32), (batch,)),
+            "min_p": np.broadcast_to(np.asarray(min_p, np.float32), (batch,)),
+        }
+        check(**values)
+        return cls(**{k: jnp.asarray(v) for k, v in values.items()})
+
+
+def check(temperature, top_k, top_p, min_p) -> None:
+    """Raise ValueError naming the first out-of-range setting (scalars or arrays)."""
+    if np.any(np.asarray(temperature) < 0) or not np.all(np.isfinite(temperature)):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if np.any(np.asarray(top_k) < 0):
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
+    top_p = np.asarray(top_p)
+    if np.any(top_p <= 0) or np.any(top_p > 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 = no top-p filter), got {top_p}")
+    min_p = np.asarray(min_p)
+    if np.any(min_p < 0) or np.any(min_p > 1):
+        raise ValueError(f"min_p must be in [0, 1] (0 = no min-p filter), got {min_p}")
+
+
+def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Array:
+    """Tokens [B] int32 from logits [B, V] float32, with one PRNG key per row (keys [B]).
+
+    When every row is greedy the sort over the vocabulary is skipped.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(
+        jnp.all(params.temperature == 0),
+        lambda: greedy,
+        lambda: jnp.where(params.temperature == 0, greedy, _sample_filtered(logits, params, keys)),
+    )
+
+
+def filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Tempered logits sorted descending [B, V] with filtered entries at -inf, and their token ids [B, V]."""
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
+    scaled = logits.astype(jnp.float32) / temperature[:, None]
+    order = jnp.argsort(-scaled, axis=-1)  # [B, V]
+    scaled = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(scaled.shape[-1])[None, :]  # [1, V]
+    k = params.top_k[:, None]
+    scaled = jnp.where((k > 0) & (rank >= k), -jnp.inf, scaled)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V] probability of the better-ranked tokens
+    scaled = jnp.where((mass_before >= params.top_p[:, None]) & (rank > 0), -jnp.inf, scaled)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    scaled = jnp.where(probs < params.min_p[:, None] * probs[:, :1], -jnp.inf, scaled)
+    return scaled, order
+
+
+def _sample_filtered(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Array:
+    scaled, order = filtered_logits(logits, params)
+    choice = jax.vmap(jax.random.categorical)(keys, scaled)  # [B] rank of the chosen token
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)

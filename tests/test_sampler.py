@@ -1,0 +1,198 @@
+"""Sampler: greedy output token-identical to HF `generate`, chunked/bucketed prefill, streaming, row insertion."""
+
+from __future__ import annotations
+
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import hf_model, hf_state_dict
+
+import gemma_jax as gj
+from gemma_jax import sampler as sampler_lib
+from gemma_jax.sampler import DecodeState, Sampler
+from gemma_jax.sampling import SamplingParams
+from gemma_jax.tokenizer import Tokenizer
+
+CONFIG = gj.gemma2_tiny(sliding_window=16)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """HF and our model with the same weights; a small embedding so greedy text varies instead of
+    repeating the last token (a large tied embedding makes every residual stream point at its input)."""
+    import torch
+
+    hf = hf_model(CONFIG, seed=0)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.normal_(0.0, 0.05)
+    ours = gj.from_params(CONFIG, gj.from_hf_state_dict(hf_state_dict(hf), CONFIG))
+    return hf, ours
+
+
+def prompts(lengths, seed=0):
+    """Random prompts that avoid the special ids (pad, eos, bos, turn markers)."""
+    rng = np.random.default_rng(seed)
+    return [[2, *rng.integers(110, CONFIG.vocab_size, n - 1).tolist()] for n in lengths]
+
+
+def hf_generate(hf, batch, max_new_tokens, stop_ids):
+    """HF greedy generation on a left-padded batch; each row cut after its first stop id (kept)."""
+    import torch
+
+    tokens, mask = sampler_lib.left_pad(batch, max(map(len, batch)), 0)
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.as_tensor(tokens, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_ids),
+            pad_token_id=0,
+        )
+    rows = []
+    for row in out[:, tokens.shape[1] :].tolist():
+        stops = [i for i, t in enumerate(row) if t in stop_ids]
+        rows.append(row[: stops[0] + 1] if stops else row)
+    return rows
+
+
+def ours_with_stop(completions, stop_ids):
+    """Our completions in HF's form: token ids with the stop token put back."""
+    return [c.token_ids + ([stop_ids[0]] if c.finish_reason == "stop" else []) for c in completions]
+
+
+def test_batch_of_three_matches_hf(models, tiny_tokenizer):
+    hf, model = models
+    batch = prompts([5, 23, 2])
+    out = Sampler(model, tiny_tokenizer, cache_length=64).generate(batch, max_new_tokens=12)
+    assert ours_with_stop(out, tiny_tokenizer.stop_ids) == hf_generate(hf, batch, 12, tiny_tokenizer.stop_ids)
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 12 for c in out)
+
+
+def test_ring_wraps_past_three_windows(models, tiny_tokenizer):
+    """Window 16: 60 new tokens after a 20-token prompt wrap the sliding layers' ring 4 times."""
+    hf, model = models
+    batch = prompts([20, 7], seed=1)
+    sampler = Sampler(model, tiny_tokenizer, cache_length=96, prefill_chunk=32)
+    out = sampler.generate(batch, max_new_tokens=60)
+    assert ours_with_stop(out, tiny_tokenizer.stop_ids) == hf_generate(hf, batch, 60, tiny_tokenizer.stop_ids)
+    assert [len(c.token_ids) for c in out] == [60, 60]
+
+
+def test_stop_mid_batch_matches_hf(models, tiny_tokenizer):
+    hf, model = models
+    batch = prompts([6, 14, 9], seed=2)
+    free = Sampler(model, tiny_tokenizer, cache_length=64).generate(batch, max_new_tokens=16)
+    row0 = free[0].token_ids
+    stop = next(t for i, t in enumerate(row0) if i >= 3 and t not in row0[:i])  # first new token of row 0 at >= 3
+    assert any(stop not in c.token_ids for c in free[1:]), "pick seeds where some row does not stop"
+    tokenizer = Tokenizer(tiny_tokenizer.model_file, stop_ids=[stop])
+    out = Sampler(model, tokenizer, cache_length=64).generate(batch, max_new_tokens=16)
+    assert ours_with_stop(out, [stop]) == hf_generate(hf, batch, 16, [stop])
+    assert out[0].finish_reason == "stop" and out[0].token_ids == row0[: row0.index(stop)]
+    assert "length" in {c.finish_reason for c in out}
+
+
+def test_chunked_prefill_and_buckets(models, tiny_tokenizer, caplog):
+    _, model = models
+    long = prompts([70], seed=3)
+    whole = Sampler(model, tiny_tokenizer, cache_length=96, prefill_chunk=128).generate(long, max_new_tokens=8)
+    sampler = Sampler(model, tiny_tokenizer, cache_length=96, prefill_chunk=32)
+    with caplog.at_level(logging.INFO, logger="gemma_jax.sampler"):
+        chunked = sampler.generate(long, max_new_tokens=8)
+    assert chunked == whole
+    assert "bucket 96 (3 chunk(s) of 32)" in caplog.text
+    # prompts of 5 and 9 tokens share the 32 bucket: the second compiles no prefill
+    sampler.generate(prompts([5]), max_new_tokens=2)
+    compiled = sampler_lib._prefill_chunk._cache_size()
+    sampler.generate(prompts([9]), max_new_tokens=2)
+    assert sampler_lib._prefill_chunk._cache_size() == compiled
+
+
+def test_stream_equals_generate(models, tiny_tokenizer):
+    _, model = models
+    sampler = Sampler(model, tiny_tokenizer, cache_length=64, stream_steps=4)
+    pieces = list(sampler.stream("Hello world", max_new_tokens=20, temperature=0.8, seed=5))
+    assert len(pieces) > 1
+    full = sampler.generate(["Hello world"], max_new_tokens=20, temperature=0.8, seed=5)[0]
+    assert "".join(pieces) == full.text
+
+
+def test_seeds_and_top_k_one(models, tiny_tokenizer):
+    _, model = models
+    sampler = Sampler(model, tiny_tokenizer, cache_length=64)
+    batch = prompts([4, 8], seed=4)
+
+    def run(**kw):
+        return [c.token_ids for c in sampler.generate(batch, max_new_tokens=10, **kw)]
+
+    greedy = run()
+    assert run(temperature=1.0, top_k=1, seed=1) == greedy
+    assert run(temperature=1.5, seed=7) == run(temperature=1.5, seed=7)
+    assert run(temperature=1.5, seed=7) != run(temperature=1.5, seed=8)
+
+
+def test_insert_into_running_batch(models, tiny_tokenizer):
+    """A request joining a running batch in a free row gets the same tokens as when run alone."""
+    _, model = models
+    sampler = Sampler(model, tiny_tokenizer, cache_length=64)
+    a, b = prompts([9, 5], seed=5)
+    alone = [sampler.generate([p], max_new_tokens=12)[0].token_ids for p in (a, b)]
+    greedy = SamplingParams.create(1)
+
+    def request(p):
+        logits, row_cache = sampler.prefill(sampler.new_cache(1), [p])
+        return row_cache, sampler.start(logits, [p], 12, greedy, seed=0)
+
+    cache, dstate = sampler.new_cache(2), DecodeState.empty(2)
+    cache, dstate = sampler_lib.insert(cache, dstate, *request(a), 0)
+    rows = [[int(dstate.tokens[0])], []]
+    cache, dstate, out = sampler.decode(cache, dstate, 4)
+    assert (out[1] == sampler_lib.NO_TOKEN).all()  # the free row did not run
+    rows[0] += out[0].tolist()
+    cache, dstate = sampler_lib.insert(cache, dstate, *request(b), 1)
+    rows[1].append(int(dstate.tokens[1]))
+    while not bool(jnp.all(dstate.done)):
+        cache, dstate, out = sampler.decode(cache, dstate, 4)
+        for row, new in zip(rows, out.tolist(), strict=True):
+            row += [t for t in new if t != sampler_lib.NO_TOKEN]
+    assert rows == alone
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs, match",
+    [
+        ([2] * 60, {"max_new_tokens": 10}, "60 tokens.*70 cache slots.*cache_length is 64"),
+        ([2] * 65, {"max_new_tokens": 1}, "65 tokens.*cache_length is 64"),
+        ("", {}, "prompt 0 is empty"),
+        ([], {}, "prompt 0 is empty"),
+        ([2, 9999], {}, "outside"),
+        ("hi", {"temperature": -0.5}, "temperature must be >= 0"),
+        ("hi", {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ("hi", {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ("hi", {"top_k": -1}, "top_k must be >= 0"),
+        ("hi", {"min_p": 2.0}, "min_p"),
+        ("hi", {"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_bad_input_fails_before_compile(models, tiny_tokenizer, monkeypatch, prompt, kwargs, match):
+    _, model = models
+
+    def compile_attempt(*args):
+        raise AssertionError("reached the jitted prefill")
+
+    monkeypatch.setattr(sampler_lib, "_prefill_chunk", compile_attempt)
+    with pytest.raises(ValueError, match=match):
+        Sampler(model, tiny_tokenizer, cache_length=64).generate([prompt], **kwargs)
+
+
+def test_bad_settings(models, tiny_tokenizer):
+    _, model = models
+    with pytest.raises(ValueError, match="unknown cache dtype"):
+        Sampler(model, tiny_tokenizer, cache_dtype="float17")
+    with pytest.raises(ValueError, match="cache_length"):
+        Sampler(model, tiny_tokenizer, cache_length=0)
+    with pytest.raises(ValueError, match="non-empty list"):
+        Sampler(model, tiny_tokenizer).generate("a string, not a list")
