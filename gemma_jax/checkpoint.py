@@ -197,6 +197,43 @@ def load_model(
     return from_params(config, tree, dtype=dtype, param_dtype=param_dtype)
 
 
+def save(
+    dst: PathLike,
+    config: GemmaConfig,
+    tree: dict,
+    *,
+    dtype: str = "bfloat16",
+    tokenizer_dir: PathLike | None = None,
+    source: str = "gemma_jax",
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Params in our nested layout (e.g. a fine-tuned model's `params_of`) -> a checkpoint at `dst`, atomic.
+
+    Tokenizer files are copied from `tokenizer_dir` (e.g. the checkpoint the model was loaded from).
+    """
+    param_dtype = _storage_dtype(dtype)
+    dst = _destination(dst, overwrite)
+    tree = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), tree)
+    import gemma_jax  # at call time: the package may import this module
+
+    metadata = {
+        "format": "gemma_jax",
+        "format_version": 1,
+        "source": source,
+        "dtype": dtype,
+        "gemma_jax_version": gemma_jax.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with _staging(dst) as tmp:
+        with _orbax_context():
+            ocp.save_pytree(tmp / PARAMS_DIR, tree)
+        _write_json(tmp / "config.json", config.to_hf())
+        if tokenizer_dir is not None:
+            _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp)
+        _write_json(tmp / METADATA_FILE, metadata)
+    return dst
+
+
 def resolve(
     path_or_hub_id: str,
     *,

@@ -70,7 +70,7 @@ def write_rows(path: str | os.PathLike, rows: Sequence[dict]) -> pathlib.Path:
 def _pyarrow():
     try:
         import pyarrow
-        import pyarrow.parquet  # noqa: F401  (makes pyarrow.parquet available)
+        import pyarrow.parquet
     except ImportError as e:
         raise ImportError("parquet files need pyarrow: pip install 'gemma-jax[sppo]'") from e
     return pyarrow

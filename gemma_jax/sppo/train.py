@@ -13,6 +13,7 @@ save and replays exactly the same batches, so its losses equal those of an unint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -205,7 +206,7 @@ def _pad_to(x: np.ndarray, t: int) -> np.ndarray:
 # ---------------------------------------------------------------- reference log-probs
 
 
-def reference_logps(graphdef, params, frozen, dataset: PairDataset, cfg: TrainConfig) -> np.ndarray:
+def reference_logps(graphdef, params, frozen, dataset: PairDataset, cfg: TrainConfig, mesh=None) -> np.ndarray:
     """[N, 2] summed log-probs of chosen and rejected under the starting policy, in micro-batches."""
     fn = jax.jit(lambda p, f, b: _policy_logps(graphdef, p, f, b))
     out = np.zeros((len(dataset), 2), np.float32)
@@ -213,7 +214,7 @@ def reference_logps(graphdef, params, frozen, dataset: PairDataset, cfg: TrainCo
     for start in tqdm(range(0, len(dataset), b), desc="reference log-probs", leave=False):
         idx = np.arange(start, min(start + b, len(dataset)))
         batch = pair_batch(dataset, idx, max_length=cfg.max_length)
-        logps = np.asarray(fn(params, frozen, {k: v for k, v in batch.items() if k != "probs"}))
+        logps = np.asarray(fn(params, frozen, _place({k: v for k, v in batch.items() if k != "probs"}, mesh, 0)))
         out[idx, 0], out[idx, 1] = logps[: len(idx)], logps[len(idx) :]
     return out
 
@@ -256,11 +257,14 @@ def train(
     *,
     source: str = "data",
     on_step: Callable[[int, dict], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
     """Train `model` (pi_t, also the reference) on SPPO rows; resumes from `run_dir` when it holds a state.
 
     `on_step(step, metrics)` runs after every optimizer step (1-based step). Ctrl-C saves the state
-    before exiting, so the run resumes where it stopped.
+    before exiting, so the run resumes where it stopped. With `mesh`, trainable weights and optimizer
+    state follow `gemma_jax.sharding`'s rules (FSDP over `fsdp`) and each batch is split over the
+    batch axes; load the model with the same mesh (`checkpoint.load_model(..., mesh=mesh)`).
     """
     cfg.validate()
     dataset = build_dataset(
@@ -290,19 +294,22 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     model.remat = cfg.remat
     graphdef, trainable, frozen = _split_model(model, cfg)
+    if mesh is not None:
+        trainable = _shard(trainable, mesh)
     # A copy: the train step donates (overwrites) the buffers of the state it is given.
     ref_params = jax.tree.map(jnp.copy, trainable) if cfg.reference_on_the_fly else None
     ref_table = None
     if not cfg.reference_on_the_fly:
-        ref_table = _cached_reference_logps(
-            run_dir, lambda: reference_logps(graphdef, trainable, frozen, dataset, cfg), len(dataset)
-        )
+        with _mesh_context(mesh):
+            ref_table = _cached_reference_logps(
+                run_dir, lambda: reference_logps(graphdef, trainable, frozen, dataset, cfg, mesh), len(dataset)
+            )
 
     tx = make_optimizer(cfg, total)
     opt_dtype = jnp.dtype(cfg.opt_dtype)
     state = {
         "params": trainable,
-        "opt_state": tx.init(jax.tree.map(lambda p: p.astype(opt_dtype), trainable)),
+        "opt_state": jax.jit(tx.init)(jax.tree.map(lambda p: p.astype(opt_dtype), trainable)),
         "step": jnp.zeros((), jnp.int32),
     }
     manager = ocp.CheckpointManager(
@@ -318,6 +325,7 @@ def train(
     step = start
     try:
         with (
+            _mesh_context(mesh),
             open(run_dir / METRICS, "a", encoding="utf-8") as metrics_file,
             tqdm(total=end, initial=start, desc="SPPO train", unit="step") as bar,
         ):
@@ -329,7 +337,7 @@ def train(
                         [np.concatenate([ref_table[i, 0], ref_table[i, 1]]) for i in np.split(indices, cfg.grad_accum)]
                     )
                 t0 = time.perf_counter()
-                state, metrics = step_fn(state, frozen, ref_params, batch)
+                state, metrics = step_fn(state, frozen, ref_params, _place(batch, mesh, 1))
                 metrics = {k: float(v) for k, v in metrics.items()}
                 seconds = time.perf_counter() - t0
                 metrics.update(
@@ -363,6 +371,31 @@ def train(
     if cfg.lora_rank:
         lora_lib.merge_lora(model)
     return TrainResult(model, history)
+
+
+def _mesh_context(mesh: jax.sharding.Mesh | None):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _shard(trainable: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    from gemma_jax.sharding import param_shardings
+
+    trainable.replace_by_pure_dict(jax.device_put(trainable.to_pure_dict(), param_shardings(trainable, mesh)))
+    return trainable
+
+
+def _place(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None, axis: int) -> dict:
+    """Split the rows (dimension `axis`) of every batch array over the mesh's batch axes."""
+    if mesh is None:
+        return batch
+    from gemma_jax.sharding import logical_sharding
+
+    def put(x: np.ndarray):
+        axes = [None] * x.ndim
+        axes[axis] = "batch"
+        return jax.device_put(x, logical_sharding(axes, mesh, x.shape))
+
+    return {k: put(v) for k, v in batch.items()}
 
 
 def _filter(cfg: TrainConfig):
