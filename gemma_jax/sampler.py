@@ -46,6 +46,7 @@ class DecodeState:
     @classmethod
     def empty(cls, batch: int) -> DecodeState:
         """A batch of free rows."""
+
         def zeros():  # distinct buffers: the state is donated to the jitted steps
             return jnp.zeros((batch,), jnp.int32)
 
@@ -90,8 +91,8 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 def _prefill_chunk(graphdef, state, cache, tokens, positions, mask):
     """Store one chunk [B, T] in the cache; return the logits of its last column [B, V]."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens, positions, mask, cache)
-    return logits[:, -1], cache
+    logits, cache = model(tokens, positions, mask, cache, last_only=True)
+    return logits[:, 0], cache
 
 
 @jax.jit

@@ -56,11 +56,15 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,  # [B, T] int, absolute position of each token
         mask: jax.Array | None = None,  # [B, T] bool, False on padding
         cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits [B, T, V] (float32) and, when a cache is given, the cache with these tokens stored.
 
         Defaults: mask all True; positions count the unmasked tokens of each row from 0, which is
         what a left-padded batch needs. With a cache, pass the true positions (after the cached ones).
+        `last_only` returns the last column's logits [B, 1, V] only: a prefill needs no more, and
+        [B, T, V] float32 logits of a long chunk would dwarf its activations.
         """
         if mask is None:
             mask = jnp.ones(tokens.shape, bool)
@@ -74,7 +78,7 @@ class Transformer(nnx.Module):
             x, group_caches = self._scan_groups(x, positions, None if cache is None else cache.groups)
         if self.tail is not None:
             x, tail_caches = self.tail(x, positions, None if cache is None else cache.tail)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, -1:] if last_only else x)
         logits = softcap(self.embedder.decode(x).astype(jnp.float32), self.config.final_logit_softcap)
         if cache is None:
             return logits, None
