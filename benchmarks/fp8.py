@@ -1,0 +1,227 @@
+"""FP8 benchmark: bf16 vs FP8 weight-only vs W8A8 decode and prefill speed at the 9B shape, and FP8 quality.
+
+    python benchmarks/fp8.py                         # GPU (H100): gemma2_9b, batch 1 and 8, 2k prompt; < 10 min
+    python benchmarks/fp8.py --preset gemma2_tiny    # CPU smoke run (W8A8 emulated: XLA upcasts the FP8 dot)
+    python benchmarks/fp8.py --quality-only          # just the quality table (CPU, seconds)
+
+Speed (random weights, so only shapes matter): per mode and batch, prefill tokens/s for one prompt of
+--prompt tokens per row, decode tokens/s over --steps greedy steps after it (one jitted scan), the
+decode step's bytes read (all parameters + the whole KV cache, which every step attends over) as a
+fraction of the card's peak memory bandwidth, and, from the optimized HLO, the GEMMs XLA emitted:
+native FP8 (`__cublas$lt$matmul$f8`), cuBLAS and Triton. Ratios are to bf16 measured in the same run.
+
+Quality (tiny random model, weights spread as the tests' so every layer matters): logits of bf16,
+FP8 weight-only, W8A8, and weight-only with an FP8 embedding too, against float32: top-1 agreement and
+logits error on random prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import gemma_jax as gj
+from gemma_jax import fp8, quant
+
+MODES = ("bf16", fp8.WEIGHT_ONLY, fp8.W8A8)
+
+# Peak HBM bandwidth (bytes/s) by device_kind substring; the first match wins, so specific names come first.
+PEAK_BANDWIDTH = (
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("H200", 4.8e12),
+    ("GH200", 4.0e12),
+    ("H100", 3.35e12),
+    ("A100-SXM4-80GB", 2.04e12),
+    ("A100", 1.56e12),
+    ("L4", 0.3e12),
+)
+
+GEMM_MARKERS = {"f8 gemm": "__cublas$lt$matmul$f8", "cublas": "__cublas$gemm", "triton": "__triton_gemm"}
+
+
+def peak_bandwidth(device: jax.Device, override_gbps: float | None) -> float | None:
+    if override_gbps:
+        return override_gbps * 1e9
+    return next((bw for name, bw in PEAK_BANDWIDTH if name in device.device_kind), None)
+
+
+def make_steps(graphdef: nnx.GraphDef):
+    """Jitted prefill (prompt -> first token, cache) and decode (`steps` greedy tokens in one scan)."""
+
+    @jax.jit
+    def prefill(state, tokens, cache):
+        logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache)
+        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
+
+    @functools.partial(jax.jit, static_argnames="steps")
+    def decode(state, token, position, cache, steps):
+        model = nnx.merge(graphdef, state)
+
+        def step(carry, _):
+            token, position, cache = carry
+            logits, cache = model(token[:, None], position[:, None], cache=cache)
+            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), position + 1, cache), None
+
+        (token, _, cache), _ = jax.lax.scan(step, (token, position, cache), None, length=steps)
+        return token, cache
+
+    return prefill, decode
+
+
+def timed(compiled, args, repeats: int) -> float:
+    """Median seconds of `repeats` calls of an AOT-compiled function (one warm-up call first)."""
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def gemm_counts(hlo: str) -> str:
+    return " ".join(f"{name}={hlo.count(marker)}" for name, marker in GEMM_MARKERS.items())
+
+
+def bench_mode(model, config, mode: str, args, bandwidth: float | None) -> list[dict]:
+    graphdef, state = nnx.split(model)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    prefill, decode = make_steps(graphdef)
+    rows = []
+    for batch in args.batch:
+        tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (batch, args.prompt)), jnp.int32)
+        cache = gj.KVCache.create(config, batch, args.prompt + args.steps, jnp.bfloat16)
+        cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+        t0 = time.perf_counter()
+        prefill_c = prefill.lower(state, tokens, cache).compile()
+        token, filled = prefill_c(state, tokens, cache)
+        position = jnp.full((batch,), args.prompt, jnp.int32)
+        decode_c = decode.lower(state, token, position, filled, steps=args.steps).compile()
+        compile_s = time.perf_counter() - t0
+        prefill_s = timed(prefill_c, (state, tokens, cache), args.repeats)
+        decode_s = timed(decode_c, (state, token, position, filled), args.repeats)
+        step_s = decode_s / args.steps
+        step_bytes = param_bytes + cache_bytes
+        rows.append(
+            dict(
+                mode=mode,
+                batch=batch,
+                compile_s=compile_s,
+                prefill=batch * args.prompt / prefill_s,
+                decode=batch * args.steps / decode_s,
+                step_ms=step_s * 1e3,
+                step_gb=step_bytes / 1e9,
+                bw=None if bandwidth is None else step_bytes / step_s / bandwidth,
+                hlo_prefill=gemm_counts(prefill_c.as_text()),
+                hlo_decode=gemm_counts(decode_c.as_text()),
+            )
+        )
+        print(f"  {mode} batch {batch}: done ({compile_s:.0f} s compile)", flush=True)
+    return rows
+
+
+def speed(args) -> None:
+    config = gj.preset(args.preset)
+    device = jax.devices()[0]
+    native = quant.native_fp8_dot(device)
+    bandwidth = peak_bandwidth(device, args.peak_gbps)
+    print(
+        f"device: {device.device_kind} ({jax.default_backend()}), native FP8 dot: {native}, peak bandwidth: "
+        f"{'unknown (pass --peak-gbps)' if bandwidth is None else f'{bandwidth / 1e9:.0f} GB/s'}"
+    )
+    print(f"{args.preset}, random weights, prompt {args.prompt}, {args.steps} decode steps, median of {args.repeats}")
+    t0 = time.perf_counter()
+    model = nnx.jit(lambda: gj.Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+    print(f"  init: {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for mode in MODES:
+        if mode != "bf16":  # bf16 kernels are quantized once (and freed); W8A8 then only switches mode
+            model = fp8.quantize_model(model, mode, emulate=True)
+        rows += bench_mode(model, config, mode, args, bandwidth)
+    base = {r["batch"]: r for r in rows if r["mode"] == "bf16"}
+    print(
+        f"\n{'mode':<12}{'batch':>6}{'prefill tok/s':>15}{'x bf16':>8}{'decode tok/s':>14}{'x bf16':>8}"
+        f"{'step ms':>9}{'GB/step':>9}{'% peak BW':>10}  GEMMs in optimized HLO (prefill | decode)"
+    )
+    for r in rows:
+        b = base[r["batch"]]
+        bw = "n/a" if r["bw"] is None else f"{100 * r['bw']:.0f}%"
+        print(
+            f"{r['mode']:<12}{r['batch']:>6}{r['prefill']:>15.0f}{r['prefill'] / b['prefill']:>7.2f}x"
+            f"{r['decode']:>14.1f}{r['decode'] / b['decode']:>7.2f}x{r['step_ms']:>9.2f}{r['step_gb']:>9.3f}"
+            f"{bw:>10}  {r['hlo_prefill']} | {r['hlo_decode']}"
+        )
+    if not native:
+        print("(no native FP8 dot on this device: W8A8 ran emulated, XLA upcasts its e4m3 operands)")
+
+
+def random_params(config: gj.GemmaConfig, seed: int) -> dict:
+    """Float32 params spread like tests/conftest.py's HF oracle (norms 0.3, embedding 0.5, projections 0.15)."""
+    rng = np.random.default_rng(seed)
+    stds = {"embedding": 0.5, "scale": 0.3, "kernel": 0.15}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: rng.normal(0.0, stds[path[-1].key], x.shape).astype(np.float32),
+        gj.params_of(gj.abstract_model(config)),
+    )
+
+
+def quality(args) -> None:
+    config = gj.preset(args.quality_preset)
+    forward = nnx.jit(lambda m, t: m(t)[0])
+    variants = {
+        "bf16": lambda p, q: gj.from_params(config, p, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+        "fp8 weight-only": lambda p, q: fp8.from_params(config, q, dtype=jnp.float32),
+        "fp8 w8a8": lambda p, q: fp8.from_params(config, q, dtype=jnp.float32, mode=fp8.W8A8, emulate=True),
+        "weight-only + fp8 embedding": lambda p, q: fp8.from_params(config, fp8_embedding(q), dtype=jnp.float32),
+    }
+    stats = {name: [] for name in variants}
+    for seed in range(args.seeds):
+        params = random_params(config, seed)
+        q_params = fp8.quantize_params(config, params)
+        tokens = jnp.asarray(np.random.default_rng(100 + seed).integers(1, config.vocab_size, (8, 64)), jnp.int32)
+        ref = np.asarray(forward(gj.from_params(config, params), tokens))
+        for name, build in variants.items():
+            out = np.asarray(forward(build(params, q_params), tokens), np.float32)
+            err = np.abs(out - ref)
+            stats[name].append((np.mean(out.argmax(-1) == ref.argmax(-1)), err.mean(), err.max(), np.abs(ref).max()))
+    n = args.seeds * 8 * 64
+    print(f"\nquality vs float32: {args.quality_preset}, {args.seeds} random models x {n // args.seeds} random tokens")
+    print(f"{'variant':<30}{'top-1 agree':>12}{'mean |err|':>12}{'max |err|':>11}{'max |logit|':>13}")
+    for name, rows in stats.items():
+        top1, mean_err, max_err, scale = np.array(rows).T
+        print(f"{name:<30}{top1.mean():>12.4f}{mean_err.mean():>12.4f}{max_err.max():>11.3f}{scale.max():>13.2f}")
+
+
+def fp8_embedding(q_params: dict) -> dict:
+    """FP8 tree whose embedding went through e4m3 with a scale per vocab row (its channel in the logits matmul)."""
+    embedding = jnp.asarray(q_params["embedder"]["embedding"])
+    q, scale = quant.quantize_kernel(embedding, 1, name="embedder.embedding")
+    return {**q_params, "embedder": {"embedding": quant.dequantize_kernel(q, scale, 1)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gemma2_9b", help="model shape for the speed table")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=2048, help="prompt tokens per row (prefill)")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps timed per call")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-gbps", type=float, help="the card's memory bandwidth, if not in the table")
+    parser.add_argument("--quality-preset", default="gemma2_tiny")
+    parser.add_argument("--seeds", type=int, default=4, help="random models in the quality table")
+    parser.add_argument("--quality-only", action="store_true")
+    args = parser.parse_args()
+    if not args.quality_only:
+        speed(args)
+    quality(args)
+
+
+if __name__ == "__main__":
+    main()
