@@ -1,0 +1,152 @@
+"""`python -m gemma_jax.sample`: complete prompts with a checkpoint, or chat with it interactively.
+
+--checkpoint takes a gemma_jax checkpoint, an HF checkpoint directory or a hub id; HF sources are
+converted once into the cache ($GEMMA_JAX_CACHE or ~/.cache/gemma_jax) and reused. Each --prompt adds
+a row to one batch; without --prompt an interactive chat keeps the conversation as history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from gemma_jax import checkpoint, sampling, sharding
+from gemma_jax.checkpoint_errors import CheckpointError
+from gemma_jax.config import ConfigError
+from gemma_jax.sampler import Sampler
+from gemma_jax.tokenizer import Tokenizer
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+_INSTRUCTION_TUNED = re.compile(r"(^|[-_/])it($|[-_/])", re.IGNORECASE)  # gemma-2-9b-it, Gemma-2-9B-It-SPPO-Iter2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gemma_jax.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="gemma_jax checkpoint, HF checkpoint directory or hub id")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (none: interactive chat)")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the Gemma chat template (default: on when the checkpoint's name marks it "
+        "instruction-tuned, e.g. '-it')",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-length", type=int, default=16384, help="KV cache tokens per sequence (prompt + output)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute and cache dtype")
+    p.add_argument("--cache-dir", default=None, help="where converted HF checkpoints are kept")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token_ids, finish_reason")
+    sharding.add_cli_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = input) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sampling.check(args.temperature, args.top_k, args.top_p, args.min_p)
+        if args.max_new_tokens < 1 or args.cache_length < 1:
+            raise ValueError("--max-new-tokens and --cache-length must be positive")
+    except ValueError as e:
+        parser.error(str(e))
+    sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    try:
+        path = checkpoint.resolve(args.checkpoint, cache_dir=args.cache_dir, dtype=args.dtype)
+        model = checkpoint.load_model(path, dtype=DTYPES[args.dtype], mesh=mesh)
+        tokenizer = Tokenizer.from_dir(path)
+        sampler = Sampler(model, tokenizer, cache_length=args.cache_length)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    chat = args.chat if args.chat is not None else _instruction_tuned(path, args.checkpoint)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+    )
+    out = sys.stdout if sharding.is_primary_host() else io.StringIO()  # other hosts compute, print nothing
+    try:
+        if args.prompt:
+            complete(sampler, args.prompt, chat=chat, as_json=args.json, out=out, **settings)
+        else:
+            chat_repl(sampler, input_fn=input_fn, out=out, **settings)
+    except ValueError as e:  # a prompt that does not fit: checked before anything compiles
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return 0
+
+
+def complete(sampler: Sampler, prompts: list[str], *, chat: bool, as_json: bool, out, **settings) -> None:
+    """A batch of prompts: JSON lines, or the text (streamed when there is one prompt)."""
+    if len(prompts) == 1 and not as_json:
+        for piece in sampler.stream(prompts[0], chat=chat, **settings):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return
+    for i, (prompt, c) in enumerate(zip(prompts, sampler.generate(prompts, chat=chat, **settings), strict=True)):
+        if as_json:
+            row = {"prompt": prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            out.write(f"--- {i}: {prompt}\n{c.text}\n")
+
+
+def chat_repl(sampler: Sampler, *, input_fn: Callable[[str], str], out, seed: int, **settings) -> None:
+    """Read a user turn, stream the model's answer, keep both as history. /reset clears it; Ctrl-D ends."""
+    out.write("Chat with the model. /reset clears the history, Ctrl-D (or /exit) quits.\n")
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input_fn("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        if line == "/exit":
+            return
+        if line == "/reset":
+            history.clear()
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = sampler.tokenizer.encode_chat(history)
+        try:
+            reply = []
+            for piece in sampler.stream(ids, seed=seed + len(history), **settings):
+                out.write(piece)
+                out.flush()
+                reply.append(piece)
+        except ValueError as e:  # the conversation outgrew the cache
+            history.pop()
+            out.write(f"error: {e}\n")
+            continue
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _instruction_tuned(path: pathlib.Path, name: str) -> bool:
+    """Whether the checkpoint's source name marks an instruction-tuned model (-it), so prompts get the chat template."""
+    source = name
+    meta = path / checkpoint.METADATA_FILE
+    if meta.is_file():
+        source = json.loads(meta.read_text(encoding="utf-8")).get("source") or name
+    return any(_INSTRUCTION_TUNED.search(s) for s in (source, name, path.name))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`python -m gemma_jax.sample` end to end on a tiny HF checkpoint (converted on first use), and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import hf_model
+
+import gemma_jax as gj
+from gemma_jax import sample
+
+CONFIG = gj.gemma2_tiny(sliding_window=16)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tiny_tokenizer):
+    """An HF checkpoint as `save_pretrained` writes it, plus the test tokenizer; its greedy oracle."""
+    import torch
+
+    model = hf_model(CONFIG, seed=1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 0.05)  # varied greedy text (see test_sampler)
+    d = tmp_path_factory.mktemp("hf_ckpt")
+    model.save_pretrained(d)
+    shutil.copy(tiny_tokenizer.model_file, d / "tokenizer.model")
+    return d, model
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch, request):
+    """In-process runs skip the multi-host join: JAX is already initialized in this pytest process.
+    The subprocess test runs the real CLI start-up, join attempt included."""
+    if "subprocess" not in request.node.name:
+        monkeypatch.setattr(sample.sharding, "maybe_initialize_distributed", lambda *a: False)
+
+
+def run(capsys, *argv, input_fn=input):
+    code = sample.main([str(a) for a in argv], input_fn=input_fn)
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("converted")
+
+
+def test_subprocess_json_batch_matches_hf(hf_dir, cache_dir, tiny_tokenizer):
+    """`python -m gemma_jax.sample` converts the HF directory, samples a batch greedily, prints JSON lines."""
+    import torch
+
+    path, hf = hf_dir
+    prompts = ["Hello world", "你好 🙂"]
+    argv = ["--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", "--cache-length", 64,
+            "--max-new-tokens", 6, "--json", *(a for p in prompts for a in ("--prompt", p))]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "gemma_jax.sample", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    for prompt, row in zip(prompts, rows, strict=True):
+        ids = tiny_tokenizer.encode(prompt)  # not an -it checkpoint: no chat template by default
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6, eos_token_id=[1, 107])
+        ref = ref[0, len(ids) :].tolist()
+        if row["finish_reason"] == "stop":
+            ref = ref[:-1]
+        assert row["token_ids"] == ref
+        assert row["text"] == tiny_tokenizer.decode(ref)
+    assert len(list(cache_dir.iterdir())) == 1  # converted once
+
+
+def test_stream_and_chat_template(capsys, hf_dir, cache_dir):
+    path, _ = hf_dir
+    common = ("--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", "--cache-length", 64)
+    _, streamed = run(capsys, *common, "--max-new-tokens", 8, "--prompt", "Hi", "--chat")
+    _, batched = run(capsys, *common, "--max-new-tokens", 8, "--prompt", "Hi", "--chat", "--json")
+    assert streamed.out == json.loads(batched.out)["text"] + "\n"
+
+
+def test_chat_repl_keeps_history(capsys, hf_dir, cache_dir, monkeypatch):
+    path, _ = hf_dir
+    seen = []
+    original = sample.Sampler.stream
+
+    def spy(self, prompt, **kw):
+        seen.append(list(prompt))
+        return original(self, prompt, **kw)
+
+    monkeypatch.setattr(sample.Sampler, "stream", spy)
+    lines = iter(["Hello", "And then?"])
+
+    def user(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    code, _ = run(capsys, "--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32",
+                  "--cache-length", 128, "--max-new-tokens", 4, input_fn=user)  # fmt: skip
+    assert code == 0 and len(seen) == 2
+    assert seen[1][: len(seen[0])] == seen[0]  # the second turn's prompt extends the first conversation
+    assert np.count_nonzero(np.asarray(seen[1]) == 106) == 4  # user, model, user, model turns
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], r"top_p must be in \(0, 1\]"),
+        (["--top-k", "-2"], "top_k must be >= 0"),
+        (["--dtype", "float16"], "invalid choice: 'float16'"),
+        (["--prompt", ""], "prompt 0 is empty"),
+        (["--prompt", "x" * 40, "--cache-length", "16"], "cache_length is 16"),
+    ],
+)
+def test_bad_arguments(capsys, hf_dir, cache_dir, args, match):
+    path, _ = hf_dir
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", *args)
+    assert e.value.code == 2
+    assert pytest.importorskip("re").search(match, capsys.readouterr().err)
+
+
+def test_not_a_checkpoint(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "--checkpoint", tmp_path, "--cache-dir", tmp_path / "cache", "--prompt", "hi")
+    assert e.value.code == 2
+    assert str(tmp_path) in capsys.readouterr().err
