@@ -1,0 +1,316 @@
+"""llama.cpp GGUF files -> what an HF Gemma checkpoint holds: config, float tensors, sentencepiece tokenizer.
+
+llama.cpp's converter renames, re-encodes and reshapes an HF checkpoint; this module undoes each
+step, so the rest of the package (`params`, `checkpoint`, `tokenizer`) sees an HF checkpoint:
+
+- tensor names: `blk.{i}.attn_q.weight` -> `model.layers.{i}.self_attn.q_proj.weight`, from the
+  `gguf` package's own name table (the one llama.cpp writes with);
+- quantized blocks (Q4_K, Q6_K, Q8_0, ...) -> float32 with `gguf.dequantize`; rows stay HF's [out, in];
+- Gemma's RMSNorm scales by (1 + w) and llama.cpp stores 1 + w: we subtract 1, as transformers'
+  GGUF loader does;
+- config: the GGUF metadata keys -> HF config.json keys, plus what llama.cpp hard-codes per
+  architecture instead of storing (Gemma-3's 5:1 layer pattern and 10k local RoPE base, the 27B
+  query scale);
+- tokenizer: the vocabulary (pieces, scores, types) -> a sentencepiece BPE ModelProto with byte
+  fallback and no dummy prefix, the special ids from the GGUF.
+
+Only the header and metadata are read until a tensor is asked for (the file is memory-mapped), so
+every check runs before any dequantization or write.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from gemma_jax import checkpoint, params
+from gemma_jax.checkpoint_errors import CheckpointError, DestinationExistsError, ShapeMismatchError, SourceError
+from gemma_jax.config import GEMMA2, GEMMA3, ConfigError, GemmaConfig
+
+# GGUF `general.architecture` -> HF model_type.
+ARCHITECTURES = {"gemma2": GEMMA2, "gemma3": GEMMA3}
+# llama.cpp scales queries by 1/sqrt(hidden / heads) for the 27B models (identified by depth),
+# by 1/sqrt(head_dim) otherwise; the GGUF does not store it.
+_LAYERS_27B = {"gemma2": 46, "gemma3": 62}
+_GEMMA3_PERIOD = 6  # llama.cpp: 5 sliding layers, then 1 global
+_GEMMA3_LOCAL_ROPE_THETA = 10_000.0
+_SPACE = "\u2581"  # sentencepiece's escaped space
+
+
+class GGUFError(SourceError):
+    """A GGUF file cannot be converted: corrupt, or a model this package does not implement."""
+
+
+class CorruptGGUFError(GGUFError):
+    """Not a readable GGUF file: bad magic, truncated, or inconsistent header."""
+
+
+class UnsupportedGGUFError(GGUFError):
+    """A readable GGUF of an architecture, quant type or option gemma_jax does not implement."""
+
+
+def open_gguf(path: str | os.PathLike) -> Any:
+    """A `gguf.GGUFReader` over `path` (memory-mapped), after the header and tensor table check out."""
+    import gguf  # optional dependency: the `demo` extra
+
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+        raise GGUFError(f"no GGUF file at {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader fails with ValueError/IndexError/KeyError deep in numpy
+        raise CorruptGGUFError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or corrupt: "
+            "download or assemble it again"
+        ) from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise CorruptGGUFError(f"{path}: tensor {t.name!r} runs past the end of the file; it is truncated")
+    return reader
+
+
+def architecture(reader: Any) -> str:
+    """The GGUF architecture name, checked to be one we convert."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedGGUFError(
+            f"GGUF architecture {arch!r} is not supported; gemma_jax converts {sorted(ARCHITECTURES)}"
+        )
+    return arch
+
+
+def hf_config(reader: Any) -> dict[str, Any]:
+    """The HF config.json dict this GGUF describes (model_type gemma2 or gemma3_text)."""
+    arch = architecture(reader)
+
+    def key(name: str, default: Any = ...) -> Any:
+        return _field(reader, f"{arch}.{name}", default)
+
+    hidden, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
+    head_dim = key("attention.key_length", hidden // heads)
+    hf: dict[str, Any] = {
+        "model_type": ARCHITECTURES[arch],
+        "vocab_size": key("vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data)),
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": hidden // heads if layers == _LAYERS_27B[arch] else head_dim,
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": key("context_length"),
+        "sliding_window": key("attention.sliding_window"),
+        "rope_theta": key("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0),
+        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
+    }
+    if arch == "gemma2":
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if (value := key(name, None)) is not None:
+                hf[name] = value
+    else:
+        hf["sliding_window_pattern"] = _GEMMA3_PERIOD
+        hf["rope_local_base_freq"] = _GEMMA3_LOCAL_ROPE_THETA
+        scaling = key("rope.scaling.type", "none")
+        if scaling == "linear":
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+        elif scaling != "none":
+            raise UnsupportedGGUFError(f"RoPE scaling {scaling!r} is not supported; gemma_jax implements 'linear'")
+    return hf
+
+
+def read_config(reader: Any) -> GemmaConfig:
+    try:
+        return GemmaConfig.from_hf(hf_config(reader))
+    except ConfigError as e:
+        raise UnsupportedGGUFError(f"the GGUF's model cannot be represented: {e}") from e
+
+
+def hf_names(reader: Any, config: GemmaConfig) -> dict[str, str]:
+    """GGUF tensor name -> HF tensor name, for every tensor the config needs."""
+    import gguf
+
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[architecture(reader)]
+    table = gguf.get_tensor_name_map(arch, config.num_layers)
+    out = {}
+    for hf_name in params.hf_names(config):
+        base, suffix = hf_name.rsplit(".", 1)
+        out[f"{table.get_name(base)}.{suffix}"] = hf_name
+    return out
+
+
+def check_tensors(reader: Any, config: GemmaConfig) -> dict[str, Any]:
+    """HF name -> GGUF tensor, after checking names, shapes and that every quant type can be dequantized."""
+    import gguf
+
+    names = hf_names(reader, config)
+    by_name = {t.name: t for t in reader.tensors}
+    unexpected = sorted(set(by_name) - set(names))
+    missing = sorted(set(names) - set(by_name))
+    if unexpected or missing:
+        raise UnsupportedGGUFError(
+            f"GGUF tensors do not match a {config.num_layers}-layer {config.model_type} model: "
+            f"missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    tensors = {names[n]: t for n, t in by_name.items()}
+    for hf_name, t in tensors.items():
+        try:
+            params.check_shape(hf_name, hf_shape(t), config)
+        except params.ParamMappingError as e:
+            raise ShapeMismatchError(f"{e} (GGUF tensor {t.name!r})") from None
+    first_of_type = {t.tensor_type: t for t in reversed(reader.tensors)}
+    for qtype, t in first_of_type.items():
+        try:
+            gguf.dequantize(t.data[:1], qtype)  # one row: cheap, and it raises for types gguf cannot decode
+        except NotImplementedError:
+            raise UnsupportedGGUFError(
+                f"GGUF quant type {qtype.name} (tensor {t.name!r}) is not supported: the gguf package "
+                "cannot dequantize it; use a file quantized to a common type (e.g. Q4_K_M, Q8_0, F16)"
+            ) from None
+    return tensors
+
+
+def hf_shape(tensor: Any) -> tuple[int, ...]:
+    """A GGUF tensor's shape in HF's (row-major) order: GGUF lists dimensions innermost first."""
+    return tuple(int(d) for d in reversed(tensor.shape))
+
+
+def dequantize(tensor: Any) -> np.ndarray:
+    """One GGUF tensor as float32 in HF layout, llama.cpp's +1 on norm scales undone."""
+    import gguf
+
+    w = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(hf_shape(tensor))
+    return w - np.float32(1.0) if tensor.name.endswith("norm.weight") else w
+
+
+def iter_state_dict(tensors: Mapping[str, Any], dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array in `dtype`) pairs, dequantized one tensor at a time."""
+    for hf_name, t in tensors.items():
+        yield hf_name, dequantize(t).astype(dtype)
+
+
+def load_state_dict(path: str | os.PathLike) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
+    """(config, float32 HF state dict) of a GGUF file, all in memory (4 bytes per parameter)."""
+    reader = open_gguf(path)
+    config = read_config(reader)
+    return config, dict(iter_state_dict(check_tensors(reader, config)))
+
+
+# ---- tokenizer
+
+
+def tokenizer_proto(reader: Any) -> bytes:
+    """The GGUF vocabulary as a serialized sentencepiece ModelProto (Gemma: BPE, byte fallback, no dummy prefix).
+
+    Undone from llama.cpp: it spells user-defined whitespace pieces with real spaces (we escape them
+    back to U+2581) and marks the unknown piece as control (sentencepiece needs it UNKNOWN).
+    """
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    if (kind := _field(reader, "tokenizer.ggml.model")) != "llama":
+        raise UnsupportedGGUFError(f"GGUF tokenizer {kind!r} is not supported; Gemma files use 'llama' (sentencepiece)")
+    pieces = [p.replace(" ", _SPACE) for p in _field(reader, "tokenizer.ggml.tokens")]
+    scores = _field(reader, "tokenizer.ggml.scores")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    if not len(pieces) == len(scores) == len(types) or len(set(pieces)) != len(pieces):
+        raise CorruptGGUFError("GGUF vocabulary is inconsistent: tokens, scores and types differ in length or repeat")
+    special = {
+        name: _field(reader, f"tokenizer.ggml.{key}_token_id", default)
+        for name, key, default in (("unk", "unknown", 3), ("bos", "bos", 2), ("eos", "eos", 1), ("pad", "padding", 0))
+    }
+    model = sp_pb2.ModelProto()
+    trainer = model.trainer_spec
+    trainer.model_type = sp_pb2.TrainerSpec.BPE
+    trainer.vocab_size = len(pieces)
+    trainer.byte_fallback = True
+    for name, index in special.items():
+        setattr(trainer, f"{name}_id", index)
+        setattr(trainer, f"{name}_piece", pieces[index])
+    normalizer = model.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", False))
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    unknown = sp_pb2.ModelProto.SentencePiece.UNKNOWN
+    for i, (piece, score, kind) in enumerate(zip(pieces, scores, types, strict=True)):
+        # GGUF token types use sentencepiece's numbering (1 normal ... 6 byte).
+        model.pieces.add(piece=piece, score=score, type=unknown if i == special["unk"] else int(kind))
+    return model.SerializeToString()
+
+
+def generation_config(reader: Any) -> dict[str, Any]:
+    """generation_config.json: stop at <eos> and, when the vocabulary has it, <end_of_turn> (as the HF files do)."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id", 1)
+    stops = [eos] + [i for i, t in enumerate(tokens) if t == "<end_of_turn>" and i != eos]
+    return {
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", 2),
+        "eos_token_id": stops,
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", 0),
+    }
+
+
+def write_tokenizer(reader: Any, directory: pathlib.Path) -> None:
+    """tokenizer.model and generation_config.json into `directory` (the files `Tokenizer.from_dir` reads)."""
+    import json
+
+    (directory / "tokenizer.model").write_bytes(tokenizer_proto(reader))
+    (directory / "generation_config.json").write_text(json.dumps(generation_config(reader), indent=2) + "\n")
+
+
+# ---- conversion
+
+
+def convert_gguf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    progress: bool = True,
+    source: str | None = None,
+) -> pathlib.Path:
+    """GGUF file -> gemma_jax checkpoint at `dst` (atomic), dequantized to `dtype`, tokenizer rebuilt.
+
+    `source` is recorded in the checkpoint's metadata (default: "gguf:" and the file's path).
+
+    Every check (destination, architecture, tensors, quant types) runs before dequantizing. The
+    dequantized model is held in memory once, in `dtype` (2 bytes per parameter for bfloat16).
+    """
+    from tqdm.auto import tqdm
+
+    if dtype not in checkpoint.DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; choose one of {list(checkpoint.DTYPES)}")
+    dst = pathlib.Path(dst).expanduser().absolute()
+    if dst.exists() and not overwrite:
+        raise DestinationExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    reader = open_gguf(src)
+    config = read_config(reader)
+    tensors = check_tensors(reader, config)
+    items = tqdm(
+        iter_state_dict(tensors, checkpoint.DTYPES[dtype]), total=len(tensors), desc="dequantize", disable=not progress
+    )
+    tree = params.from_hf_state_dict(dict(items), config)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        write_tokenizer(reader, pathlib.Path(tokenizer_dir))
+        source = source or f"gguf:{pathlib.Path(src).expanduser().absolute()}"
+        return checkpoint.save(
+            dst, config, tree, dtype=dtype, tokenizer_dir=tokenizer_dir, source=source, overwrite=overwrite
+        )
+
+
+def _field(reader: Any, name: str, default: Any = ...) -> Any:
+    """A metadata value (scalars as Python values, arrays as lists); `default` when absent, else an error."""
+    field = reader.fields.get(name)
+    if field is None:
+        if default is ...:
+            raise CorruptGGUFError(f"GGUF metadata has no {name!r}; the file is incomplete or not a Gemma model")
+        return default
+    value = field.contents()
+    return value.item() if isinstance(value, np.generic) else value
