@@ -35,7 +35,7 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 from tqdm.auto import tqdm
 
-from gemma_jax import hf_checkpoint, params
+from gemma_jax import fp8, hf_checkpoint, params
 from gemma_jax.checkpoint_errors import (
     CheckpointError,
     DestinationExistsError,
@@ -45,11 +45,13 @@ from gemma_jax.checkpoint_errors import (
     UnexpectedTensorError,
 )
 from gemma_jax.config import GemmaConfig
+from gemma_jax.quant import Fp8Error
 from gemma_jax.transformer import Transformer, abstract_model, from_params
 
 PARAMS_DIR = "params"
 METADATA_FILE = "gemma_jax.json"
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}  # storage dtypes `convert_hf` writes
+# Storage dtypes `convert_hf` writes; "fp8": projections as e4m3 + per-channel scales (gemma_jax.fp8), the rest bf16.
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "fp8": jnp.bfloat16}
 _CHUNK_BYTES = 64 << 20
 PathLike = str | os.PathLike
 
@@ -82,7 +84,7 @@ def convert_hf(
     _check_tensors(tensors, config)
     start = time.perf_counter()
     with _staging(dst) as tmp:
-        nbytes = _write_params(tmp / PARAMS_DIR, tensors, config, param_dtype, progress)
+        nbytes = _write_params(tmp / PARAMS_DIR, tensors, config, param_dtype, progress, quantize=dtype == "fp8")
         _write_json(tmp / "config.json", config.to_hf())
         _copy_tokenizer(source.directory, tmp)
         _write_json(tmp / METADATA_FILE, _metadata(source, dtype, len(tensors), nbytes))
@@ -105,6 +107,8 @@ def export_hf(
     max_shard_size plus the largest parameter. `dtype` None keeps the stored dtype.
     """
     src = _checkpoint_dir(src)
+    if _read_json(src / METADATA_FILE)["dtype"] == "fp8":
+        raise CheckpointError(f"{src} is an FP8 checkpoint; export the bf16 or float32 checkpoint it came from")
     dst = _destination(dst, overwrite)
     config = GemmaConfig.from_hf(src / "config.json")
     stored = _stored_tree(src)
@@ -147,7 +151,8 @@ def load(
 ) -> tuple[GemmaConfig, dict]:
     """(config, params) from a checkpoint; params in our nested layout, as jax arrays.
 
-    `dtype` casts every float parameter while restoring (None keeps the stored dtype).
+    `dtype` casts every float parameter while restoring (None keeps the stored dtype); in an FP8
+    checkpoint the e4m3 kernels and their float32 scales keep theirs.
     `shardings` is a pytree of `jax.sharding.Sharding` matching params (e.g. from
     `gemma_jax.sharding.param_shardings`) or one Sharding for all; Orbax then reads into each
     device only its shard, with no full host copy. Without it params land on the default device.
@@ -160,9 +165,10 @@ def load(
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, stored)
     cast = None if dtype is None else jnp.dtype(dtype)
+    float_dtype = stored["embedder"]["embedding"].dtype  # that of every leaf but FP8 kernels and scales
 
     def target(meta, sharding):
-        leaf_dtype = cast if cast is not None and jnp.issubdtype(meta.dtype, jnp.floating) else meta.dtype
+        leaf_dtype = cast if cast is not None and meta.dtype == float_dtype else meta.dtype
         return jax.ShapeDtypeStruct(meta.shape, leaf_dtype, sharding=sharding)
 
     try:
@@ -179,22 +185,34 @@ def load_model(
     dtype: jnp.dtype = jnp.bfloat16,
     param_dtype: jnp.dtype | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    quant: str | None = None,
 ) -> Transformer:
     """A ready Transformer computing in `dtype`; params in `param_dtype` (default: as stored).
 
     With `mesh`, parameters are restored straight into the shardings `gemma_jax.sharding`
-    derives from their logical axes.
+    derives from their logical axes. `quant` ("weight_only" or "w8a8", see `gemma_jax.fp8`) runs
+    the projections in FP8: an FP8 checkpoint loads as stored (weight-only unless told), a float
+    one is quantized after loading.
     """
     path = _checkpoint_dir(path)
-    param_dtype = jnp.dtype(param_dtype or _read_json(path / METADATA_FILE)["dtype"])
+    stored = _read_json(path / METADATA_FILE)["dtype"]
+    if stored == "fp8" or quant is not None:
+        quant = fp8.resolve_mode(quant or fp8.WEIGHT_ONLY)  # once: W8A8 without native FP8 warns here
+    param_dtype = jnp.dtype(param_dtype or DTYPES[stored])
     shardings = None
     if mesh is not None:
         from gemma_jax.sharding import param_shardings  # only meshes need the sharding rules
 
         config = GemmaConfig.from_hf(path / "config.json")
-        shardings = param_shardings(abstract_model(config, dtype=dtype, param_dtype=param_dtype), mesh)
+        abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
+        if stored == "fp8":
+            abstract = fp8.quantize_model(abstract, quant)
+        shardings = param_shardings(abstract, mesh)
     config, tree = load(path, dtype=param_dtype, shardings=shardings)
-    return from_params(config, tree, dtype=dtype, param_dtype=param_dtype)
+    if stored == "fp8":
+        return fp8.from_params(config, tree, dtype=dtype, mode=quant)
+    model = from_params(config, tree, dtype=dtype, param_dtype=param_dtype)
+    return model if quant is None else fp8.quantize_model(model, quant)
 
 
 def save(
@@ -303,17 +321,29 @@ def _leaves(config: GemmaConfig) -> dict[params.Path, list[params.Placement]]:
     return leaves
 
 
-def _write_params(path: pathlib.Path, tensors, config: GemmaConfig, dtype: jnp.dtype, progress: bool) -> int:
-    """Stream HF tensors into an Orbax PyTree, one of our parameters per partial save; returns bytes read."""
+def _write_params(
+    path: pathlib.Path, tensors, config: GemmaConfig, dtype: jnp.dtype, progress: bool, quantize: bool = False
+) -> int:
+    """Stream HF tensors into an Orbax PyTree, one of our parameters per partial save; returns bytes read.
+
+    `quantize` stores each projection kernel as e4m3 + per-channel scales (`fp8.quantize_params`).
+    """
     leaves = _leaves(config)
     total = sum(tensors[p.hf_name].nbytes for ps in leaves.values() for p in ps)
     with _orbax_context(), _bar(total, "hf -> orbax", progress) as bar:
         for leaf_path, placements in leaves.items():
-            value = _assemble(placements, tensors, config, dtype, bar)
-            ocp.partial.save(path, _nest(leaf_path, value))
+            value = _nest(leaf_path, _assemble(placements, tensors, config, dtype, bar))
+            ocp.partial.save(path, _fp8(config, value) if quantize else value)
             del value
         ocp.partial.finalize(path)
     return total
+
+
+def _fp8(config: GemmaConfig, tree: dict) -> dict:
+    try:
+        return fp8.quantize_params(config, tree)
+    except Fp8Error as e:  # inf/NaN in a weight: named, and the staging directory is removed
+        raise CheckpointError(str(e)) from None
 
 
 def _assemble(placements: list[params.Placement], tensors, config: GemmaConfig, dtype: jnp.dtype, bar) -> np.ndarray:

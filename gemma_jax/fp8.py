@@ -14,6 +14,7 @@ mode is a static attribute of each `Linear`, chosen when the model is built:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 
@@ -122,20 +123,25 @@ def from_params(
     return transformer.with_params(model, params)
 
 
-def _projection_paths(config: GemmaConfig) -> Iterator[tuple[tuple, str]]:
+@functools.cache
+def _projection_paths(config: GemmaConfig) -> tuple[tuple[tuple, str], ...]:
     """(path of each projection in our nested params layout, its einsum spec)."""
-    for path, linear in _linears(transformer.abstract_model(config)):
-        yield path, linear.spec
+    return tuple((path, linear.spec) for path, linear in _linears(transformer.abstract_model(config)))
 
 
 def _map_projections(config: GemmaConfig, params: dict, fn) -> dict:
-    """A copy of `params` with each projection's dict {"kernel", ...} replaced by fn(name, spec, node)."""
+    """A copy of `params` with each projection's dict {"kernel", ...} replaced by fn(name, spec, node).
+
+    Projections absent from `params` are skipped, so a partial tree (one leaf streamed by the
+    converter) maps too.
+    """
     out = jax.tree.map(lambda x: x, params)  # fresh dicts, shared leaves
     for path, spec in _projection_paths(config):
         parent = out
         for key in path[:-1]:
-            parent = parent[key]
-        parent[path[-1]] = fn(_name(path), spec, parent[path[-1]])
+            parent = parent.get(key, {})
+        if path[-1] in parent:
+            parent[path[-1]] = fn(_name(path), spec, parent[path[-1]])
     return out
 
 

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import shutil
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
+from conftest import hf_logits, hf_model
 from flax import nnx
 
 import gemma_jax as gj
+from gemma_jax import checkpoint as ck
 from gemma_jax import fp8, quant
+from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.linear import Linear
 
 CONFIG = gj.gemma2_tiny(num_layers=3)  # one scanned (sliding, global) group and a tail layer
@@ -212,3 +219,84 @@ def test_w8a8_lowers_to_fp8_dots(fp8_params, prompts):
     assert fp8_dots(forward.lower(weight_only, prompts).as_text()) == 0
     if quant.native_fp8_dot():
         assert "__cublas$lt$matmul$f8" in forward.lower(w8a8, prompts).compile().as_text()
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A tiny random HF checkpoint (the conftest oracle's weights) and the model that wrote it."""
+    model = hf_model(CONFIG, seed=3)
+    directory = tmp_path_factory.mktemp("hf") / "tiny"
+    model.save_pretrained(directory)
+    return directory, model
+
+
+@pytest.fixture(scope="module")
+def converted(hf_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("orbax")
+    src, _ = hf_checkpoint
+    return {dtype: ck.convert_hf(src, root / dtype, dtype=dtype, progress=False) for dtype in ("bfloat16", "fp8")}
+
+
+def projection_bytes(stored: dict, config: gj.GemmaConfig) -> int:
+    """Bytes of every projection's arrays (kernel, and scale if FP8) as the checkpoint stores them."""
+    linears = [path for path, m in nnx.iter_modules(gj.abstract_model(config)) if isinstance(m, Linear)]
+    total = 0
+    for path in linears:
+        node = stored
+        for key in path:
+            node = node[key]
+        total += sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(node))
+    return total
+
+
+def test_fp8_checkpoint_round_trips_and_halves_projection_bytes(hf_checkpoint, converted):
+    src, hf = hf_checkpoint
+    stored = {dtype: ck._stored_tree(path) for dtype, path in converted.items()}
+    ratio = projection_bytes(stored["fp8"], CONFIG) / projection_bytes(stored["bfloat16"], CONFIG)
+    assert ratio <= 0.55, ratio
+    assert json.loads((converted["fp8"] / "gemma_jax.json").read_text())["dtype"] == "fp8"
+
+    # Restored exactly as quantize_params makes it from the bf16 weights the converter reads.
+    config, tree = ck.load(converted["fp8"])
+    _, bf16 = ck.load(converted["bfloat16"])
+    expected = fp8.quantize_params(config, bf16)
+    assert jax.tree.structure(tree) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(expected), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+    # `dtype` casts what is float (embedding, norms); e4m3 kernels and float32 scales keep theirs.
+    _, cast = ck.load(converted["fp8"], dtype=jnp.float32)
+    attn = cast["groups"]["layers"][0]["attn"]["q"]
+    assert (cast["embedder"]["embedding"].dtype, attn["kernel"].dtype, attn["scale"].dtype) == (
+        jnp.float32,
+        jnp.float8_e4m3fn,
+        jnp.float32,
+    )
+
+    # load_model: an FP8 checkpoint serves as is; a bf16 one is quantized on load to the same model.
+    tokens = np.random.default_rng(5).integers(1, CONFIG.vocab_size, (4, 16)).astype(np.int32)
+    forward = nnx.jit(lambda m, t: m(t)[0])
+    served = ck.load_model(converted["fp8"], dtype=jnp.float32)
+    assert {m.quant for _, m in nnx.iter_modules(served) if isinstance(m, Linear)} == {fp8.WEIGHT_ONLY}
+    logits = np.asarray(forward(served, jnp.asarray(tokens)))
+    on_load = ck.load_model(converted["bfloat16"], dtype=jnp.float32, quant=fp8.WEIGHT_ONLY)
+    np.testing.assert_allclose(np.asarray(forward(on_load, jnp.asarray(tokens))), logits, atol=1e-5, rtol=0)
+    top1 = np.mean(logits.argmax(-1) == hf_logits(hf, tokens).argmax(-1))
+    assert top1 >= 0.95, top1  # vs the float32 HF model (measured 1.0; bf16 storage + FP8 projections)
+
+    with pytest.raises(CheckpointError, match="is an FP8 checkpoint; export the bf16"):
+        ck.export_hf(converted["fp8"], src.parent / "exported")
+
+
+def test_convert_fp8_refuses_nonfinite_weight_and_writes_nothing(hf_checkpoint, tmp_path):
+    src, _ = hf_checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    tensors = safetensors.numpy.load_file(broken / "model.safetensors")
+    tensors["model.layers.2.mlp.down_proj.weight"][7, 3] = np.nan
+    safetensors.numpy.save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    dst = tmp_path / "fp8"
+    with pytest.raises(CheckpointError, match=r"tail\.layers\.0\.mlp\.down\.kernel: 1 of 64 output channels"):
+        ck.convert_hf(broken, dst, dtype="fp8", progress=False)
+    assert not dst.exists() and not dst.with_name("fp8.incomplete").exists()
