@@ -130,7 +130,7 @@ def export_hf(
             leaf = _get(leaf, path)  # numpy, stored dtype
             for p in placements:
                 w = leaf if p.stack_index is None else leaf[p.stack_index]
-                pending[p.hf_name] = np.ascontiguousarray(p.rule.to_hf(w, config), dtype=out_dtype)
+                pending[p.hf_name] = _relayout(p.rule.to_hf, w, config).astype(out_dtype, copy=False)
                 bar.update(sizes[p.hf_name])
                 if len(pending) == len(shards[shard]):
                     hf_checkpoint.save_shard(pending, tmp / files[shard])
@@ -244,7 +244,7 @@ def save(
     }
     with _staging(dst) as tmp:
         with _orbax_context():
-            ocp.save_pytree(tmp / PARAMS_DIR, tree)
+            ocp.save(tmp / PARAMS_DIR, tree)
         _write_json(tmp / "config.json", config.to_hf())
         if tokenizer_dir is not None:
             _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp)
@@ -351,14 +351,21 @@ def _assemble(placements: list[params.Placement], tensors, config: GemmaConfig, 
     out = None
     for p in placements:
         info = tensors[p.hf_name]
-        w = p.rule.to_ours(hf_checkpoint.read(p.hf_name, info), config)
+        w = _relayout(p.rule.to_ours, hf_checkpoint.read(p.hf_name, info), config).astype(dtype, copy=False)
         bar.update(info.nbytes)
         if p.stack_index is None:
-            return np.ascontiguousarray(w, dtype=dtype)
+            return w
         if out is None:
             out = np.empty((len(placements), *w.shape), dtype)
         out[p.stack_index] = w
     return out
+
+
+def _relayout(rule_fn, w: np.ndarray, config: GemmaConfig) -> np.ndarray:
+    """`rule_fn(w)` (a transpose / reshape: it only moves bits) as a contiguous array, computed on an
+    unsigned-int view because numpy copies those ~4x faster than ml_dtypes' bfloat16."""
+    bits = rule_fn(w.view(f"u{w.itemsize}"), config)
+    return np.ascontiguousarray(bits).view(w.dtype)
 
 
 def _metadata(source: hf_checkpoint.Source, dtype: str, tensors: int, nbytes: int) -> dict:
@@ -442,6 +449,7 @@ def _orbax_context(*, partial_load: bool = False) -> ocp.Context:
     ctx = ocp.Context()
     ctx.array.saving.use_compression = False  # weights barely compress; restore speed matters more
     ctx.array.saving.storage_options.chunk_byte_size = _CHUNK_BYTES
+    ctx.memory.deepcopy_host_arrays = False  # each buffer is written before it is touched again
     ctx.pytree.loading.partial_load = partial_load
     return ctx
 
