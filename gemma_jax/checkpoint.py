@@ -87,7 +87,8 @@ def convert_hf(
         nbytes = _write_params(tmp / PARAMS_DIR, tensors, config, param_dtype, progress, quantize=dtype == "fp8")
         _write_json(tmp / "config.json", config.to_hf())
         _copy_tokenizer(source.directory, tmp)
-        _write_json(tmp / METADATA_FILE, _metadata(source, dtype, len(tensors), nbytes))
+        meta = _metadata(source.source, dtype, revision=source.revision, commit=source.commit)
+        _write_json(tmp / METADATA_FILE, meta | {"tensors": len(tensors), "source_bytes": nbytes})
     _summary(progress, "converted", len(tensors), nbytes, start, dst)
     return dst
 
@@ -232,23 +233,13 @@ def save(
     param_dtype = _storage_dtype(dtype)
     dst = _destination(dst, overwrite)
     tree = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), tree)
-    import gemma_jax  # at call time: the package may import this module
-
-    metadata = {
-        "format": "gemma_jax",
-        "format_version": 1,
-        "source": source,
-        "dtype": dtype,
-        "gemma_jax_version": gemma_jax.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
     with _staging(dst) as tmp:
         with _orbax_context():
             ocp.save(tmp / PARAMS_DIR, tree)
         _write_json(tmp / "config.json", config.to_hf())
         if tokenizer_dir is not None:
             _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp)
-        _write_json(tmp / METADATA_FILE, metadata)
+        _write_json(tmp / METADATA_FILE, _metadata(source, dtype))
     return dst
 
 
@@ -368,19 +359,18 @@ def _relayout(rule_fn, w: np.ndarray, config: GemmaConfig) -> np.ndarray:
     return np.ascontiguousarray(bits).view(w.dtype)
 
 
-def _metadata(source: hf_checkpoint.Source, dtype: str, tensors: int, nbytes: int) -> dict:
+def _metadata(source: str, dtype: str, *, revision: str | None = None, commit: str | None = None) -> dict:
+    """gemma_jax.json: where the params came from and how they are stored."""
     import gemma_jax  # at call time: the package may import this module
 
     return {
         "format": "gemma_jax",
         "format_version": 1,
-        "source": source.source,
-        "revision": source.revision,
-        "commit": source.commit,
+        "source": source,
+        "revision": revision,
+        "commit": commit,
         "dtype": dtype,
         "gemma_jax_version": gemma_jax.__version__,
-        "tensors": tensors,
-        "source_bytes": nbytes,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -6,7 +6,7 @@
 from gemma_jax.sppo.lora import LoRAParam, apply_lora, merge_lora
 from gemma_jax.sppo.loss import LOSS_TYPES, PairLogps, PairProbs, reward_metrics, sequence_logps, sppo_losses
 from gemma_jax.sppo.preference import COLUMNS, PairRMScorer, RewardScorer, Scorer, bradley_terry, pair_row
-from gemma_jax.sppo.train import TrainConfig, TrainResult, make_optimizer, train
+from gemma_jax.sppo.trainer import TrainConfig, TrainResult, make_optimizer, train
 
 __all__ = [
     "COLUMNS",

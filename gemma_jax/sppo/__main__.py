@@ -24,7 +24,7 @@ from gemma_jax.sppo.data import load_prompts, read_rows, require_columns, write_
 from gemma_jax.sppo.judge import JudgeScorer
 from gemma_jax.sppo.preference import PairRMScorer, RewardScorer, Scorer, reward_from_spec
 from gemma_jax.sppo.selfplay import sample_responses, score_samples
-from gemma_jax.sppo.train import TrainConfig, train
+from gemma_jax.sppo.trainer import TrainConfig, train
 from gemma_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("gemma_jax.sppo")

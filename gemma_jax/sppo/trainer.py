@@ -174,7 +174,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
         updates, opt_state = tx.update(grads, state["opt_state"], wide)
         new_params = jax.tree.map(lambda p, u: (p.astype(opt_dtype) + u).astype(p.dtype), params, updates)
         metrics = jax.tree.map(jnp.mean, metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return jax.jit(step, donate_argnums=0)
