@@ -17,13 +17,13 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from gemma_jax import checkpoint, sampling, sharding
+from gemma_jax import checkpoint, fp8, sampling, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.config import ConfigError
 from gemma_jax.sampler import Sampler
 from gemma_jax.tokenizer import Tokenizer
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "fp8": jnp.bfloat16}  # fp8: FP8 weights, bf16 compute
 _INSTRUCTION_TUNED = re.compile(r"(^|[-_/])it($|[-_/])", re.IGNORECASE)  # gemma-2-9b-it, Gemma-2-9B-It-SPPO-Iter2
 
 
@@ -45,7 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-length", type=int, default=16384, help="KV cache tokens per sequence (prompt + output)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute and cache dtype")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bfloat16",
+        help="compute and cache dtype; fp8: e4m3 projection weights, bf16 compute (HF sources convert to FP8)",
+    )
+    p.add_argument(
+        "--quant",
+        choices=fp8.MODES,
+        help="FP8 projections: weight_only (the default with --dtype fp8) or w8a8 (native FP8 matmuls on NVIDIA "
+        "sm_89+; elsewhere it falls back to weight_only with a warning)",
+    )
     p.add_argument("--cache-dir", default=None, help="where converted HF checkpoints are kept")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token_ids, finish_reason")
     sharding.add_cli_args(p)
@@ -65,7 +76,8 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     try:
         path = checkpoint.resolve(args.checkpoint, cache_dir=args.cache_dir, dtype=args.dtype)
-        model = checkpoint.load_model(path, dtype=DTYPES[args.dtype], mesh=mesh)
+        quant = args.quant or (fp8.WEIGHT_ONLY if args.dtype == "fp8" else None)
+        model = checkpoint.load_model(path, dtype=DTYPES[args.dtype], mesh=mesh, quant=quant)
         tokenizer = Tokenizer.from_dir(path)
         sampler = Sampler(model, tokenizer, cache_length=args.cache_length)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:

@@ -18,7 +18,7 @@ from flax import nnx
 
 import gemma_jax as gj
 from gemma_jax import checkpoint as ck
-from gemma_jax import fp8, quant
+from gemma_jax import fp8, quant, sample
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.linear import Linear
 
@@ -188,18 +188,6 @@ def test_tiny_model_matches_float32(fp8_params, prompts, float32_logits, mode, m
     assert rel_error <= max_rel_error
 
 
-def test_fp8_decode_with_cache_matches_full_forward(fp8_params, prompts):
-    """Prefill + one cached decode step of the FP8 model gives the logits of its full forward."""
-    model = fp8.from_params(CONFIG, fp8_params, dtype=jnp.float32)
-    full, _ = nnx.jit(lambda m, t: m(t))(model, prompts[:2, :9])
-    step = nnx.jit(lambda m, t, p, c: m(t, p, cache=c))
-    cache = gj.KVCache.create(CONFIG, 2, 16, jnp.float32)
-    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    _, cache = step(model, prompts[:2, :8], positions[:, :8], cache)
-    last, _ = step(model, prompts[:2, 8:9], positions[:, 8:9], cache)
-    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, 8]), atol=2e-4)
-
-
 def fp8_dots(hlo: str) -> int:
     """stablehlo.dot_general ops whose two operands are both e4m3."""
     return len(re.findall(r"stablehlo\.dot_general .*: \(tensor<[0-9x]*xf8E4M3FN>, tensor<[0-9x]*xf8E4M3FN>\)", hlo))
@@ -222,11 +210,12 @@ def test_w8a8_lowers_to_fp8_dots(fp8_params, prompts):
 
 
 @pytest.fixture(scope="module")
-def hf_checkpoint(tmp_path_factory):
-    """A tiny random HF checkpoint (the conftest oracle's weights) and the model that wrote it."""
+def hf_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """A tiny random HF checkpoint (the conftest oracle's weights, the test tokenizer) and its model."""
     model = hf_model(CONFIG, seed=3)
     directory = tmp_path_factory.mktemp("hf") / "tiny"
     model.save_pretrained(directory)
+    shutil.copyfile(tiny_tokenizer.model_file, directory / "tokenizer.model")
     return directory, model
 
 
@@ -300,3 +289,19 @@ def test_convert_fp8_refuses_nonfinite_weight_and_writes_nothing(hf_checkpoint, 
     with pytest.raises(CheckpointError, match=r"tail\.layers\.0\.mlp\.down\.kernel: 1 of 64 output channels"):
         ck.convert_hf(broken, dst, dtype="fp8", progress=False)
     assert not dst.exists() and not dst.with_name("fp8.incomplete").exists()
+
+
+def test_sample_cli_fp8_and_w8a8_fallback(hf_checkpoint, tmp_path, monkeypatch, capsys):
+    """`--dtype fp8` converts the HF source to an FP8 checkpoint and samples; `--quant w8a8` on CPU warns once."""
+    monkeypatch.setattr(sample.sharding, "maybe_initialize_distributed", lambda *a: False)
+    src, _ = hf_checkpoint
+    argv = ["--checkpoint", str(src), "--cache-dir", str(tmp_path), "--cache-length", "32", "--max-new-tokens", "4"]
+    argv += ["--json", "--prompt", "Hello", "--dtype", "fp8", "--quant", "w8a8"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sample.main(argv) == 0
+    assert sum("W8A8 needs a native FP8 matmul" in str(w.message) for w in caught) == 1
+    row = json.loads(capsys.readouterr().out)
+    assert 1 <= len(row["token_ids"]) <= 4 and row["finish_reason"] in ("stop", "length")
+    (converted,) = tmp_path.iterdir()
+    assert json.loads((converted / "gemma_jax.json").read_text())["dtype"] == "fp8"
