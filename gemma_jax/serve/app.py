@@ -1,0 +1,323 @@
+"""The HTTP layer: OpenAI's /v1/completions and /v1/chat/completions (JSON or SSE), /v1/models,
+/health and Prometheus /metrics, over one `Engine`.
+
+Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`: invalid
+requests 400, unknown model 404, a full server 429, shutting down 503, a failed generation 500.
+A streamed request whose client goes away is cancelled, and so is a non-streamed one: either way
+its slot is freed before the next decode call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from gemma_jax import __version__
+from gemma_jax.serve.engine import Engine, EngineClosed, Handle, Output, QueueFull, RequestFailed
+from gemma_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, type: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param=param)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Format:
+    """How one endpoint shapes its choices, stream chunks and ids."""
+
+    object: str
+    chunk_object: str
+    id_prefix: str
+    choice: Callable[[int, str, str], dict]  # (index, text, finish_reason) -> a response choice
+    deltas: Callable[[int, Output, bool], list[dict]]  # (index, output, first) -> stream chunk choices
+
+
+def _text_deltas(index: int, out: Output, first: bool) -> list[dict]:
+    return [{"index": index, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}]
+
+
+def _chat_deltas(index: int, out: Output, first: bool) -> list[dict]:
+    deltas = []
+    if first or out.text:
+        delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
+        deltas.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+    if out.finish_reason is not None:
+        deltas.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason})
+    return deltas
+
+
+COMPLETIONS = _Format(
+    object="text_completion",
+    chunk_object="text_completion",
+    id_prefix="cmpl",
+    choice=lambda i, text, reason: {"index": i, "text": text, "logprobs": None, "finish_reason": reason},
+    deltas=_text_deltas,
+)
+CHAT = _Format(
+    object="chat.completion",
+    chunk_object="chat.completion.chunk",
+    id_prefix="chatcmpl",
+    choice=lambda i, text, reason: {
+        "index": i,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": reason,
+    },
+    deltas=_chat_deltas,
+)
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that cancels its generation however the stream ends (done, disconnect, shutdown)."""
+
+    def __init__(self, events: AsyncIterator[str], handle: Handle):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._handle = handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._handle.cancel()
+
+
+def create_app(engine: Engine, *, model_name: str) -> FastAPI:
+    """The ASGI app serving `engine` as model `model_name`; its lifespan starts and drains the engine."""
+    tokenizer = engine.sampler.tokenizer
+    context = engine.sampler.cache_length
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await engine.close()
+
+    app = FastAPI(title="gemma_jax", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = _describe(e.errors())
+        return invalid(message, param).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.running
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict:
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "gemma_jax",
+            "max_model_len": context,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        _check_model(model_id, model_name)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        _check_model(body.model, model_name)
+        if not body.prompts:
+            raise invalid("'prompt' is empty", "prompt")
+        prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts]
+        max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+        return await _generate(engine, request, body, prompts, [max_tokens] * len(prompts), COMPLETIONS, model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        _check_model(body.model, model_name)
+        try:
+            prompt = tokenizer.encode_chat(body.chat)
+        except ValueError as e:
+            raise invalid(str(e), "messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(context - len(prompt), 1)
+        return await _generate(engine, request, body, [prompt], [max_tokens], CHAT, model_name)
+
+    return app
+
+
+async def _generate(
+    engine: Engine,
+    request: Request,
+    body: _SamplingRequest,
+    prompts: list[list[int]],
+    max_tokens: list[int],
+    fmt: _Format,
+    model_name: str,
+) -> Response:
+    """Submit n choices per prompt (choice index = prompt * n + j); answer as JSON or as an SSE stream."""
+    choices = [(p, params) for p, m in zip(prompts, max_tokens, strict=True) for params in body.generation_params(m)]
+    try:
+        handle = engine.submit([p for p, _ in choices], [params for _, params in choices])
+    except ValueError as e:
+        raise invalid(str(e), "messages" if fmt is CHAT else "prompt") from None
+    except QueueFull as e:
+        return ApiError(429, str(e), "rate_limit_error", code="queue_full").response({"Retry-After": "1"})
+    except EngineClosed as e:
+        raise ApiError(503, str(e), "service_unavailable") from None
+    head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+    prompt_tokens = sum(map(len, prompts))
+    if body.stream:
+        return _EventStream(_events(handle, fmt, head, prompt_tokens, body.include_usage), handle)
+    try:
+        results = await _until_disconnect(request, _collect(handle, len(choices)))
+    except RequestFailed as e:
+        raise ApiError(500, str(e), "server_error") from None
+    finally:
+        handle.cancel()  # no-op unless the client left or the handler was cancelled
+    if results is None:  # the client is gone; nobody reads this
+        return Response(status_code=499)
+    completion_tokens = sum(tokens for _, tokens, _ in results)
+    return JSONResponse(
+        {
+            **head,
+            "object": fmt.object,
+            "choices": [fmt.choice(i, text, reason) for i, (text, _, reason) in enumerate(results)],
+            "usage": _usage(prompt_tokens, completion_tokens),
+        }
+    )
+
+
+async def _collect(handle: Handle, size: int) -> list[tuple[str, int, str]]:
+    """(text, completion tokens, finish reason) of every choice."""
+    texts: list[list[str]] = [[] for _ in range(size)]
+    ends: list[tuple[int, str]] = [(0, "")] * size
+    async for index, out in handle:
+        texts[index].append(out.text)
+        ends[index] = (out.completion_tokens, out.finish_reason or "")
+    return [("".join(t), *end) for t, end in zip(texts, ends, strict=True)]
+
+
+async def _until_disconnect(request: Request, work):
+    """Await `work`, or return None as soon as the client disconnects (the caller then cancels)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
+
+async def _events(handle: Handle, fmt: _Format, head: dict, prompt_tokens: int, include_usage: bool):
+    """SSE lines: chunks as tokens arrive, an optional usage chunk, then [DONE]; an error becomes an error event."""
+    opened: set[int] = set()
+    completion_tokens: dict[int, int] = {}
+    extra = {"usage": None} if include_usage else {}
+    try:
+        async for index, out in handle:
+            completion_tokens[index] = out.completion_tokens
+            deltas = fmt.deltas(index, out, index not in opened)
+            opened.add(index)
+            for delta in deltas:
+                yield _sse({**head, "object": fmt.chunk_object, "choices": [delta], **extra})
+        if include_usage:
+            usage = _usage(prompt_tokens, sum(completion_tokens.values()))
+            yield _sse({**head, "object": fmt.chunk_object, "choices": [], "usage": usage})
+    except RequestFailed as e:
+        yield _sse(ApiError(500, str(e), "server_error").body())
+    yield "data: [DONE]\n\n"
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _check_model(name: str, served: str) -> None:
+    if name != served:
+        raise ApiError(
+            404,
+            f"The model '{name}' does not exist; this server serves '{served}'",
+            "invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+
+
+# pydantic names a union member in the error location ("content.list[TextPart].0.type"): not a field, drop it.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+
+
+def _describe(errors) -> tuple[str, str | None]:
+    """One readable message (and the offending field) from pydantic's errors: the most specific one."""
+    if not errors:
+        return "invalid request body", None
+    error = max(errors, key=lambda e: len(e.get("loc", ())))
+    loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_MEMBER.match(str(p))]
+    field = ".".join(loc) or None
+    kind, msg = error.get("type"), str(error.get("msg", "")).removeprefix("Value error, ")
+    if kind == "json_invalid":
+        return f"the request body is not valid JSON: {error.get('ctx', {}).get('error', msg)}", None
+    if kind == "extra_forbidden":
+        return f"unrecognized request field '{field}'", field
+    if kind == "missing":
+        return f"'{field}' is required", field
+    return (f"'{field}': {msg}" if field else msg), field
