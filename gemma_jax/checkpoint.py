@@ -395,7 +395,7 @@ def _staging(dst: pathlib.Path) -> Iterator[pathlib.Path]:
         else:
             tmp.rename(dst)
     except BaseException:
-        _remove(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # never mask the error; a next run clears what is left
         raise
 
 
