@@ -11,6 +11,7 @@ from gemma_jax.config import GemmaConfig
 from gemma_jax.kv_cache import LayerCache
 from gemma_jax.mlp import MLP
 from gemma_jax.norm import RMSNorm
+from gemma_jax.sharding import RESIDUAL, constrain
 
 
 class Block(nnx.Module):
@@ -28,10 +29,11 @@ class Block(nnx.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
     ) -> tuple[jax.Array, LayerCache | None]:
+        x = constrain(x, RESIDUAL)  # [B, T, D], sharded as the mesh's rules say (no-op without a mesh)
         a, cache = self.attn(self.pre_attn_norm(x), positions, cache)
         x = x + self.post_attn_norm(a)
         x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
-        return x, cache  # [B, T, D]
+        return constrain(x, RESIDUAL), cache
 
 
 class LayerGroup(nnx.Module):

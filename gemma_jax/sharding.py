@@ -1,0 +1,414 @@
+"""Sharding: one table maps logical axis names to mesh axes; every sharding is derived from it.
+
+Parameters declare their logical axes where they are defined (`nnx.Param(..., logical_axes=("embed", "mlp"))`);
+activations and the KV cache name theirs below. `LOGICAL_RULES` maps each name onto a mesh with axes
+("data", "fsdp", "tensor"):
+
+- data:   the batch only; parameters are replicated over it (pure data parallelism).
+- fsdp:   the batch, and the embed dimension of every parameter (ZeRO-3: each layer's weights are gathered
+          when it runs, so no device holds the whole model).
+- tensor: heads, kv heads, mlp and vocab (Megatron: the residual stream is replicated over it).
+
+A dimension must be divisible by the mesh axes that shard it, or `ShardingError` names the axis and the
+sizes before anything compiles. Two names fall back instead (`SHRINKABLE`): `batch` (one prompt on eight
+chips is split over as many leading mesh axes as divide it, down to none) and `kv_heads` (Gemma-2 2B has 4 kv
+heads: under tensor=8 its k/v projections and KV cache are replicated over tensor, the 8 query heads stay split).
+
+Model code calls `constrain(x, axes)`, a no-op unless a mesh is active (`jax.set_mesh`), so the single-device
+path is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gemma_jax.config import GemmaConfig
+from gemma_jax.kv_cache import KVCache, LayerCache
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    # parameters
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "layers": (),
+    # activations and KV cache
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "act_embed": (),
+    "act_vocab": ("tensor",),
+}
+
+# Names that shrink to the leading mesh axes whose sizes divide them (down to replication) instead of failing.
+SHRINKABLE = frozenset({"batch", "kv_heads"})
+
+# Logical axes of the arrays named here rather than beside a parameter.
+TOKENS = ("batch", "length")  # tokens, positions, mask [B, T]
+RESIDUAL = ("batch", "length", "act_embed")  # x between blocks [B, T, D]
+LOGITS = ("batch", "length", "act_vocab")  # [B, T, V]
+CACHE_KV = ("batch", "length", "kv_heads", "head_dim")  # k, v [B, S, K, H]
+CACHE_POSITIONS = ("batch", "length")  # [B, S]
+
+# `--mesh` presets; -1 takes the devices the other axes leave. tensor=4 divides the kv heads of every size (4/8/16).
+PRESETS: dict[str, dict[str, int]] = {
+    "data": {"data": -1},
+    "fsdp": {"fsdp": -1},
+    "tensor": {"tensor": -1},
+    "fsdp_tensor": {"fsdp": -1, "tensor": 4},
+}
+DEFAULT_MESH = "fsdp"
+
+
+class ShardingError(ValueError):
+    """A mesh or sharding that cannot work, named before anything compiles."""
+
+
+# ----------------------------------------------------------------------------------------------- meshes
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2}; a preset name gives its sizes; -1 = the remaining devices."""
+    spec = spec.strip()
+    if spec in PRESETS:
+        return dict(PRESETS[spec])
+    sizes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        if not sep:
+            raise ShardingError(
+                f"bad mesh {spec!r}: {part.strip()!r} is not axis=size; write e.g. 'fsdp=4,tensor=2' "
+                f"or a preset {sorted(PRESETS)}"
+            )
+        if name not in MESH_AXES:
+            raise ShardingError(f"unknown mesh axis {name!r} in {spec!r}; the axes are {', '.join(MESH_AXES)}")
+        if name in sizes:
+            raise ShardingError(f"mesh axis {name!r} appears twice in {spec!r}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            sizes[name] = 0
+        if sizes[name] < 1 and sizes[name] != -1:
+            raise ShardingError(f"mesh axis {name!r} has size {value!r}; use a positive integer, or -1 for the rest")
+    return sizes
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Sizes of MESH_AXES (missing axes are 1, one -1 takes the rest), checked against the device count."""
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ShardingError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(MESH_AXES)}")
+    shape = {a: sizes.get(a, 1) for a in MESH_AXES}
+    free = [a for a, s in shape.items() if s == -1]
+    if len(free) > 1:
+        raise ShardingError(f"only one mesh axis may be -1, got {', '.join(free)}")
+    fixed = math.prod(s for s in shape.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ShardingError(
+                f"mesh {_describe(shape)}: the fixed axes need a multiple of {fixed} devices, "
+                f"but there are {num_devices}"
+            )
+        shape[free[0]] = num_devices // fixed
+    if math.prod(shape.values()) != num_devices:
+        raise ShardingError(
+            f"mesh {_describe(shape)} needs {math.prod(shape.values())} devices, but there are {num_devices}; "
+            f"choose sizes whose product is {num_devices}, or -1 for one axis to take the rest"
+        )
+    return tuple(shape[a] for a in MESH_AXES)
+
+
+def _describe(shape: Mapping[str, int]) -> str:
+    return ",".join(f"{a}={s}" for a, s in shape.items() if s != 1) or "of one device"
+
+
+def _sizes(spec: str | Mapping[str, int] | None) -> Mapping[str, int]:
+    if spec is None:
+        return PRESETS[DEFAULT_MESH]
+    return parse_mesh(spec) if isinstance(spec, str) else spec
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all, on every host); default spec: fsdp over all.
+
+    Axes are Auto (GSPMD): shardings are declared at jit boundaries and by `constrain`, XLA does the rest.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(_sizes(spec), len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def abstract_mesh(spec: str | Mapping[str, int] | None, num_devices: int) -> AbstractMesh:
+    """The mesh `make_mesh` would build on `num_devices` devices, without devices (for planning memory)."""
+    shape = mesh_shape(_sizes(spec), num_devices)
+    return AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# ------------------------------------------------------------------------------------ logical -> physical
+
+
+def logical_spec(
+    axes: Sequence[str | None],
+    mesh: Mesh | AbstractMesh,
+    shape: Sequence[int],
+    rules: Mapping[str, tuple[str, ...]] = LOGICAL_RULES,
+) -> P:
+    """The PartitionSpec of an array of `shape` whose dimensions are named `axes` (None = replicated).
+
+    Mesh axes of size 1, and rule axes the mesh does not have, are left out.
+    """
+    if len(axes) != len(shape):
+        raise ShardingError(f"{len(axes)} logical axes {tuple(axes)} for an array of shape {tuple(shape)}")
+    sizes = dict(mesh.shape)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape, strict=True):
+        mesh_axes = _mesh_axes(name, dim, sizes, rules)
+        if used & set(mesh_axes):
+            raise ShardingError(f"mesh axis {sorted(used & set(mesh_axes))} would shard two dimensions of {axes}")
+        used |= set(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return P(*spec)
+
+
+def _mesh_axes(name: str | None, dim: int, sizes: Mapping[str, int], rules: Mapping[str, tuple[str, ...]]):
+    if name is None:
+        return ()
+    if name not in rules:
+        raise ShardingError(f"unknown logical axis {name!r}; the rules name {', '.join(sorted(rules))}")
+    axes = tuple(a for a in rules[name] if sizes.get(a, 1) > 1)
+    if dim % math.prod(sizes[a] for a in axes) == 0:
+        return axes
+    if name in SHRINKABLE:
+        while dim % math.prod(sizes[a] for a in axes):
+            axes = axes[:-1]
+        return axes
+    over = " x ".join(f"{a}={sizes[a]}" for a in axes)
+    raise ShardingError(
+        f"logical axis {name!r} has size {dim}, which mesh axes {over} (= {math.prod(sizes[a] for a in axes)}) "
+        f"do not divide; choose a mesh whose {' x '.join(axes)} size divides {dim}"
+    )
+
+
+def logical_sharding(axes: Sequence[str | None], mesh: Mesh | AbstractMesh, shape: Sequence[int]) -> NamedSharding:
+    """NamedSharding of an array of `shape` whose dimensions are named `axes`."""
+    return NamedSharding(mesh, logical_spec(axes, mesh, shape))
+
+
+def batch_sharding(mesh: Mesh | AbstractMesh, shape: Sequence[int]) -> NamedSharding:
+    """Leading dimension over the batch axes, the rest replicated: tokens, masks, rewards, per-row state."""
+    return logical_sharding(("batch",) + (None,) * (len(shape) - 1), mesh, shape)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Pin an activation to the sharding its logical axes give, under the active mesh; without one, x as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) & set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(axes, mesh, x.shape))
+
+
+# ------------------------------------------------------------------------------------------- parameters
+
+
+def _is_param(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(model: nnx.Module | nnx.State, mesh: Mesh | AbstractMesh) -> dict:
+    """NamedSharding of every parameter, in the nested layout of `params_of(model)` / `checkpoint.load`.
+
+    `model` may be abstract (`abstract_model(config)`): nothing is allocated.
+    """
+    state = model if isinstance(model, nnx.State) else nnx.state(model, nnx.Param)
+
+    def one(path, param: nnx.Variable) -> NamedSharding:
+        axes = param.get_metadata().get("logical_axes")
+        if axes is None:
+            raise ShardingError(f"parameter {jax.tree_util.keystr(path)} declares no logical_axes")
+        try:
+            return logical_sharding(axes, mesh, param.shape)
+        except ShardingError as e:
+            raise ShardingError(f"parameter {jax.tree_util.keystr(path)} {tuple(param.shape)}: {e}") from None
+
+    return jax.tree.map_with_path(one, state, is_leaf=_is_param).to_pure_dict()
+
+
+def init_sharded(
+    config: GemmaConfig,
+    mesh: Mesh,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    seed: int = 0,
+) -> nnx.Module:
+    """A randomly initialised Transformer created directly in its shardings (abstract init + jit out_shardings).
+
+    Same values as `Transformer(config, rngs=nnx.Rngs(seed))` on one device; no device ever holds more
+    than its shards.
+    """
+    from gemma_jax import transformer  # the model imports this module for `constrain`
+
+    abstract = transformer.abstract_model(config, dtype=dtype, param_dtype=param_dtype)
+
+    def init() -> dict:
+        model = transformer.Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+        return transformer.params_of(model)
+
+    params = jax.jit(init, out_shardings=param_shardings(abstract, mesh))()
+    return nnx.merge(nnx.graphdef(abstract), params)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """The model with every parameter moved into its sharding (for a model built on one device)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state.to_pure_dict(), param_shardings(state, mesh)))
+
+
+# --------------------------------------------------------------------------------------------- KV cache
+
+
+def cache_shardings(cache: KVCache, mesh: Mesh | AbstractMesh) -> KVCache:
+    """NamedSharding of every cache array: batch over data+fsdp, kv heads over tensor (replicated if indivisible)."""
+
+    def layer(c: LayerCache) -> LayerCache:
+        lead = ("layers",) * (c.positions.ndim - 2)  # stacked groups carry a leading [G]
+        kv = logical_sharding((*lead, *CACHE_KV), mesh, c.k.shape)
+        return LayerCache(k=kv, v=kv, positions=logical_sharding((*lead, *CACHE_POSITIONS), mesh, c.positions.shape))
+
+    return jax.tree.map(layer, cache, is_leaf=lambda x: isinstance(x, LayerCache))
+
+
+def init_cache(config: GemmaConfig, batch: int, cache_length: int, dtype: jnp.dtype, mesh: Mesh) -> KVCache:
+    """An empty KVCache created directly in its shardings."""
+
+    def create() -> KVCache:
+        return KVCache.create(config, batch, cache_length, dtype)
+
+    return jax.jit(create, out_shardings=cache_shardings(jax.eval_shape(create), mesh))()
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+def jit_forward(model: nnx.Module, mesh: Mesh, *, donate_cache: bool = True) -> Callable:
+    """`model(tokens, positions, mask, cache)` as a pure function of the parameters, jitted with explicit shardings.
+
+    Returns forward(params, tokens, positions=None, mask=None, cache=None) -> (logits, cache), where `params`
+    is `params_of(model)` as placed by `init_sharded`, `shard_model` or `checkpoint.load(shardings=...)`.
+    Inputs may be numpy (the same on every host); they are placed over the batch axes. One compile per
+    batch size, length and cache layout; the cache is donated so decode updates it in place.
+    """
+    graphdef = nnx.graphdef(model)
+    params_sh = param_shardings(model, mesh)
+
+    def apply(params, tokens, positions, mask, cache):
+        return nnx.merge(graphdef, params)(tokens, positions, mask, cache)
+
+    @functools.cache
+    def compiled(logits_sh: NamedSharding, data_sh: NamedSharding, cache_treedef, cache_leaves: tuple):
+        cache_sh = None if cache_treedef is None else jax.tree.unflatten(cache_treedef, cache_leaves)
+        return jax.jit(
+            apply,
+            in_shardings=(params_sh, data_sh, data_sh, data_sh, cache_sh),
+            out_shardings=(logits_sh, cache_sh),
+            donate_argnums=(4,) if donate_cache and cache_sh is not None else (),
+        )
+
+    def forward(params: dict, tokens, positions=None, mask=None, cache: KVCache | None = None):
+        b, t = np.shape(tokens)
+        if mask is None:
+            mask = np.ones((b, t), bool)
+        if positions is None:
+            positions = np.cumsum(np.asarray(mask), axis=1) - 1
+        data_sh = batch_sharding(mesh, (b, t))
+        logits_sh = logical_sharding(LOGITS, mesh, (b, t, model.config.vocab_size))
+        cache_treedef, cache_leaves = None, ()
+        if cache is not None:
+            cache_sh = cache_shardings(cache, mesh)
+            cache = jax.device_put(cache, cache_sh)
+            cache_leaves, cache_treedef = jax.tree.flatten(cache_sh)
+        tokens, positions, mask = jax.device_put((tokens, positions, mask), data_sh)
+        fn = compiled(logits_sh, data_sh, cache_treedef, tuple(cache_leaves))
+        with jax.set_mesh(mesh):
+            return fn(params, tokens, positions, mask, cache)
+
+    return forward
+
+
+# ------------------------------------------------------------------------------------------- multi-host
+
+
+def maybe_initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Join a multi-process JAX run when this is one; True if more than one process takes part.
+
+    Explicit arguments win, then $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES / $JAX_PROCESS_ID, then
+    JAX's own cluster detection (Cloud TPU VMs and pods, GKE, SLURM, Open MPI). With none of them this is a
+    single-process run and nothing happens. Call it first, before any other JAX work.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    if coordinator is not None or num_processes is not None or process_id is not None:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    else:
+        try:
+            jax.distributed.initialize()  # auto-detected clusters only
+        except ValueError:  # no cluster found: nothing to join
+            return False
+    return jax.process_count() > 1
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ShardingError(f"${name} should be an integer, got {value!r}") from None
+
+
+def is_primary_host() -> bool:
+    """True on process 0: print, log and write non-Orbax files there only (Orbax coordinates its own writes)."""
+    return jax.process_index() == 0
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add --mesh and the multi-host flags to a CLI; `mesh_from_args` consumes them."""
+    group = parser.add_argument_group("sharding and multi-host")
+    group.add_argument(
+        "--mesh",
+        default=None,
+        help=f"devices per mesh axis, e.g. 'fsdp=4,tensor=2' (-1 = the rest), or a preset {sorted(PRESETS)} "
+        f"(default: {DEFAULT_MESH} over all devices)",
+    )
+    group.add_argument(
+        "--coordinator", default=None, help="host:port of process 0 in a multi-host run ($JAX_COORDINATOR_ADDRESS)"
+    )
+    group.add_argument("--num-processes", type=int, default=None, help="processes in the run ($JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, default=None, help="this process, 0-based ($JAX_PROCESS_ID)")
+
+
+def mesh_from_args(args: argparse.Namespace) -> Mesh:
+    """Join the multi-host run if there is one, then build the mesh from --mesh (call before other JAX work)."""
+    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    return make_mesh(args.mesh)
