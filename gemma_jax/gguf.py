@@ -9,8 +9,8 @@ step, so the rest of the package (`params`, `checkpoint`, `tokenizer`) sees an H
 - Gemma's RMSNorm scales by (1 + w) and llama.cpp stores 1 + w: we subtract 1, as transformers'
   GGUF loader does;
 - config: the GGUF metadata keys -> HF config.json keys, plus what llama.cpp hard-codes per
-  architecture instead of storing (Gemma-3's 5:1 layer pattern and 10k local RoPE base, the 27B
-  query scale);
+  architecture when the file does not store it (Gemma-3's 5:1 layer pattern and 10k local RoPE
+  base, the 27B query scale);
 - tokenizer: the vocabulary (pieces, scores, types) -> a sentencepiece BPE ModelProto with byte
   fallback and no dummy prefix, the special ids from the GGUF.
 
@@ -96,7 +96,7 @@ def hf_config(reader: Any) -> dict[str, Any]:
     head_dim = key("attention.key_length", hidden // heads)
     hf: dict[str, Any] = {
         "model_type": ARCHITECTURES[arch],
-        "vocab_size": key("vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data)),
+        "vocab_size": key("vocab_size", None) or len(_field(reader, "tokenizer.ggml.tokens")),
         "hidden_size": hidden,
         "intermediate_size": key("feed_forward_length"),
         "num_hidden_layers": layers,
@@ -115,8 +115,13 @@ def hf_config(reader: Any) -> dict[str, Any]:
             if (value := key(name, None)) is not None:
                 hf[name] = value
     else:
-        hf["sliding_window_pattern"] = _GEMMA3_PERIOD
-        hf["rope_local_base_freq"] = _GEMMA3_LOCAL_ROPE_THETA
+        # Newer llama.cpp files may store the pattern (a period, or per layer: true = sliding) and local base.
+        pattern = key("attention.sliding_window_pattern", _GEMMA3_PERIOD)
+        if isinstance(pattern, list):
+            hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+        else:
+            hf["sliding_window_pattern"] = pattern
+        hf["rope_local_base_freq"] = key("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_THETA)
         scaling = key("rope.scaling.type", "none")
         if scaling == "linear":
             hf["rope_scaling"] = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
@@ -312,5 +317,9 @@ def _field(reader: Any, name: str, default: Any = ...) -> Any:
         if default is ...:
             raise CorruptGGUFError(f"GGUF metadata has no {name!r}; the file is incomplete or not a Gemma model")
         return default
+    import gguf
+
     value = field.contents()
-    return value.item() if isinstance(value, np.generic) else value
+    if field.types == [gguf.GGUFValueType.FLOAT32]:  # the float32's shortest decimal: 1e-06, not 9.99999997e-07
+        return float(str(np.float32(value)))
+    return value
