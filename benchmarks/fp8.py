@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -90,11 +91,11 @@ def gemm_counts(hlo: str) -> str:
     return " ".join(f"{name}={hlo.count(marker)}" for name, marker in GEMM_MARKERS.items())
 
 
-def bench_mode(model, config, mode: str, args, bandwidth: float | None) -> list[dict]:
+def bench_mode(model, config, mode: str, args, bandwidth: float | None) -> Iterator[dict]:
+    """One row per batch size: prefill and decode speed of `model` as it is (bf16 or FP8 in `mode`)."""
     graphdef, state = nnx.split(model)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     prefill, decode = make_steps(graphdef)
-    rows = []
     for batch in args.batch:
         tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (batch, args.prompt)), jnp.int32)
         cache = gj.KVCache.create(config, batch, args.prompt + args.steps, jnp.bfloat16)
@@ -109,22 +110,18 @@ def bench_mode(model, config, mode: str, args, bandwidth: float | None) -> list[
         decode_s = timed(decode_c, (state, token, position, filled), args.repeats)
         step_s = decode_s / args.steps
         step_bytes = param_bytes + cache_bytes
-        rows.append(
-            dict(
-                mode=mode,
-                batch=batch,
-                compile_s=compile_s,
-                prefill=batch * args.prompt / prefill_s,
-                decode=batch * args.steps / decode_s,
-                step_ms=step_s * 1e3,
-                step_gb=step_bytes / 1e9,
-                bw=None if bandwidth is None else step_bytes / step_s / bandwidth,
-                hlo_prefill=gemm_counts(prefill_c.as_text()),
-                hlo_decode=gemm_counts(decode_c.as_text()),
-            )
+        yield dict(
+            mode=mode,
+            batch=batch,
+            compile_s=compile_s,
+            prefill=batch * args.prompt / prefill_s,
+            decode=batch * args.steps / decode_s,
+            step_ms=step_s * 1e3,
+            step_gb=step_bytes / 1e9,
+            bw=None if bandwidth is None else step_bytes / step_s / bandwidth,
+            hlo_prefill=gemm_counts(prefill_c.as_text()),
+            hlo_decode=gemm_counts(decode_c.as_text()),
         )
-        print(f"  {mode} batch {batch}: done ({compile_s:.0f} s compile)", flush=True)
-    return rows
 
 
 def speed(args) -> None:
@@ -132,32 +129,30 @@ def speed(args) -> None:
     device = jax.devices()[0]
     native = quant.native_fp8_dot(device)
     bandwidth = peak_bandwidth(device, args.peak_gbps)
-    print(
-        f"device: {device.device_kind} ({jax.default_backend()}), native FP8 dot: {native}, peak bandwidth: "
-        f"{'unknown (pass --peak-gbps)' if bandwidth is None else f'{bandwidth / 1e9:.0f} GB/s'}"
-    )
+    peak = "unknown (pass --peak-gbps)" if bandwidth is None else f"{bandwidth / 1e9:.0f} GB/s"
+    print(f"device: {device.device_kind} ({jax.default_backend()}), native FP8 dot: {native}, peak bandwidth: {peak}")
     print(f"{args.preset}, random weights, prompt {args.prompt}, {args.steps} decode steps, median of {args.repeats}")
     t0 = time.perf_counter()
     model = nnx.jit(lambda: gj.Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
-    print(f"  init: {time.perf_counter() - t0:.0f} s", flush=True)
-    rows = []
+    print(f"init: {time.perf_counter() - t0:.0f} s\n")
+    print(
+        f"{'mode':<12}{'batch':>6}{'compile s':>10}{'prefill tok/s':>15}{'x bf16':>8}{'decode tok/s':>14}{'x bf16':>8}"
+        f"{'step ms':>9}{'GB/step':>9}{'% peak BW':>10}  GEMMs in optimized HLO (prefill | decode)",
+        flush=True,
+    )
+    base = {}
     for mode in MODES:
         if mode != "bf16":  # bf16 kernels are quantized once (and freed); W8A8 then only switches mode
             model = fp8.quantize_model(model, mode, emulate=True)
-        rows += bench_mode(model, config, mode, args, bandwidth)
-    base = {r["batch"]: r for r in rows if r["mode"] == "bf16"}
-    print(
-        f"\n{'mode':<12}{'batch':>6}{'prefill tok/s':>15}{'x bf16':>8}{'decode tok/s':>14}{'x bf16':>8}"
-        f"{'step ms':>9}{'GB/step':>9}{'% peak BW':>10}  GEMMs in optimized HLO (prefill | decode)"
-    )
-    for r in rows:
-        b = base[r["batch"]]
-        bw = "n/a" if r["bw"] is None else f"{100 * r['bw']:.0f}%"
-        print(
-            f"{r['mode']:<12}{r['batch']:>6}{r['prefill']:>15.0f}{r['prefill'] / b['prefill']:>7.2f}x"
-            f"{r['decode']:>14.1f}{r['decode'] / b['decode']:>7.2f}x{r['step_ms']:>9.2f}{r['step_gb']:>9.3f}"
-            f"{bw:>10}  {r['hlo_prefill']} | {r['hlo_decode']}"
-        )
+        for r in bench_mode(model, config, mode, args, bandwidth):
+            b = base.setdefault(r["batch"], r)  # bf16 runs first: the baseline of each batch size
+            bw = "n/a" if r["bw"] is None else f"{100 * r['bw']:.0f}%"
+            print(
+                f"{r['mode']:<12}{r['batch']:>6}{r['compile_s']:>10.0f}{r['prefill']:>15.0f}"
+                f"{r['prefill'] / b['prefill']:>7.2f}x{r['decode']:>14.1f}{r['decode'] / b['decode']:>7.2f}x"
+                f"{r['step_ms']:>9.2f}{r['step_gb']:>9.3f}{bw:>10}  {r['hlo_prefill']} | {r['hlo_decode']}",
+                flush=True,
+            )
     if not native:
         print("(no native FP8 dot on this device: W8A8 ran emulated, XLA upcasts its e4m3 operands)")
 
