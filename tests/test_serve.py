@@ -12,7 +12,10 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -20,6 +23,7 @@ import urllib.request
 from email.message import Message
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import hf_model
 
@@ -32,6 +36,7 @@ from gemma_jax.tokenizer import Tokenizer
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from gemma_jax.serve import Engine, create_app  # noqa: E402  (needs the serve extra)
+from gemma_jax.serve.engine import StopStrings  # noqa: E402
 
 CONFIG = gj.gemma2_tiny(sliding_window=16)
 MODEL = "tiny-gemma"
@@ -236,6 +241,25 @@ def test_sampling_params_are_data_no_recompiles(server):
     assert seeded[0].choices[0].text == seeded[1].choices[0].text
 
 
+def test_stop_strings_cut_at_the_first_match_however_the_text_is_split():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        text = "".join(rng.choice(list("abc"), rng.integers(0, 20)))
+        stops = ["".join(rng.choice(list("abc"), rng.integers(1, 4))) for _ in range(rng.integers(1, 3))]
+        cuts = sorted(rng.integers(0, len(text) + 1, rng.integers(0, 5)))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        matcher, out, hit = StopStrings(stops), [], False
+        for piece in pieces:
+            emitted, hit = matcher.push(piece)
+            out.append(emitted)
+            if hit:
+                break
+        if not hit:
+            out.append(matcher.flush())
+        hits = [i for s in stops if (i := text.find(s)) >= 0]
+        assert ("".join(out), hit) == ((text[: min(hits)], True) if hits else (text, False)), (text, stops, pieces)
+
+
 def test_stop_strings_streaming_holds_back_partial_matches(server, reference):
     client = server.client()
     ref = reference(PROMPTS[5], 30)
@@ -397,3 +421,35 @@ def test_shutdown_drains_in_flight_streams(ckpt, reference, monkeypatch):
     assert "".join(pieces) == reference(prompt, 30).text
     with pytest.raises(openai.APIConnectionError):
         other.client().models.list()
+
+
+def test_cli_serves_fp8_and_shuts_down_on_sigterm(ckpt):
+    """`python -m gemma_jax.serve --dtype fp8`: compiles, opens the port, answers; SIGTERM shuts it down gracefully."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "gemma_jax.serve", "--checkpoint", str(ckpt), "--port", str(port)]
+    command += ["--dtype", "fp8", "--cache-length", "128", "--slots", "2", "--served-model-name", MODEL]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout and proc.stdout.read()
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{url}/health").status == 200:
+                    break
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log = proc.stdout.read()
+        assert "Application shutdown complete" in log, log  # drained, then uvicorn re-raises the signal
+        assert proc.returncode == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
