@@ -45,7 +45,7 @@ def test_one_update_lowers_the_loss_on_its_batch(rows, tiny_tokenizer):
     cfg = sppo_train.TrainConfig(batch_size=4, grad_accum=2, learning_rate=1e-4, beta=0.1, warmup_ratio=0.0)
     model = tiny_model(tiny_tokenizer.vocab_size)
     model.remat = True
-    graphdef, params, frozen = sppo_train._split_model(model, cfg)
+    graphdef, params, frozen = sppo_train.split_model(model, cfg)
     dataset = build_dataset(rows, tiny_tokenizer)
     ref = sppo_train.reference_logps(graphdef, params, frozen, dataset, cfg)
     indices = np.arange(4)

@@ -236,7 +236,14 @@ def _cached_reference_logps(run_dir: pathlib.Path, compute: Callable[[], np.ndar
 # ---------------------------------------------------------------- the loop
 
 
-def _split_model(model: Transformer, cfg: TrainConfig):
+def init_state(tx: optax.GradientTransformation, trainable: nnx.State, cfg: TrainConfig) -> dict:
+    """{params, opt_state, step}: the optimizer state in `opt_dtype`, laid out like the params."""
+    opt_dtype = jnp.dtype(cfg.opt_dtype)
+    wide = jax.tree.map(lambda p: p.astype(opt_dtype), trainable)
+    return {"params": trainable, "opt_state": jax.jit(tx.init)(wide), "step": jnp.zeros((), jnp.int32)}
+
+
+def split_model(model: Transformer, cfg: TrainConfig):
     """(graphdef, trainable, frozen): LoRA factors or every Param are trainable, the rest frozen."""
     if cfg.lora_rank:
         lora_lib.apply_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
@@ -293,7 +300,7 @@ def train(
     run_dir = pathlib.Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     model.remat = cfg.remat
-    graphdef, trainable, frozen = _split_model(model, cfg)
+    graphdef, trainable, frozen = split_model(model, cfg)
     if mesh is not None:
         trainable = _shard(trainable, mesh)
     # A copy: the train step donates (overwrites) the buffers of the state it is given.
@@ -306,12 +313,7 @@ def train(
             )
 
     tx = make_optimizer(cfg, total)
-    opt_dtype = jnp.dtype(cfg.opt_dtype)
-    state = {
-        "params": trainable,
-        "opt_state": jax.jit(tx.init)(jax.tree.map(lambda p: p.astype(opt_dtype), trainable)),
-        "step": jnp.zeros((), jnp.int32),
-    }
+    state = init_state(tx, trainable, cfg)
     manager = ocp.CheckpointManager(
         run_dir / STATE_DIR, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True)
     )
