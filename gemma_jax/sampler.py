@@ -171,8 +171,9 @@ class Sampler:
     """Generates text from a `Transformer` with a KV cache of `cache_length` tokens per row.
 
     Prompts longer than `prefill_chunk` are prefilled in chunks of that size (attention over a
-    chunk costs [B, N, chunk, cache + chunk] scores). `stream_steps` decode steps run per jit call
-    when streaming. The model's weights are captured when the Sampler is built.
+    chunk costs [B, N, chunk, cache + chunk] scores). Each decode call runs up to `decode_steps`
+    steps (`stream_steps` when streaming) and stops early once every row is done, so one compile
+    per batch size serves any `max_new_tokens`. The model's weights are captured when the Sampler is built.
     """
 
     def __init__(
@@ -183,11 +184,13 @@ class Sampler:
         cache_length: int = 16384,
         prefill_chunk: int = 2048,
         cache_dtype: jnp.dtype | str | None = None,
-        stream_steps: int = 16,
+        decode_steps: int = 64,
+        stream_steps: int = 8,
     ):
         for name, value in (
             ("cache_length", cache_length),
             ("prefill_chunk", prefill_chunk),
+            ("decode_steps", decode_steps),
             ("stream_steps", stream_steps),
         ):
             if not isinstance(value, int) or value <= 0:
@@ -205,6 +208,7 @@ class Sampler:
         self.tokenizer = tokenizer
         self.cache_length = cache_length
         self.prefill_chunk = prefill_chunk
+        self.decode_steps = decode_steps
         self.stream_steps = stream_steps
         self._graphdef, self._state = nnx.split(model)
         self._stop_ids = jnp.asarray(tokenizer.stop_ids, jnp.int32)
@@ -271,9 +275,8 @@ class Sampler:
         ids = self._encode(prompts, chat)
         params = SamplingParams.create(len(ids), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
         self._check_request(ids, max_new_tokens)
-        steps = 1 << max(max_new_tokens - 2, 0).bit_length()  # decode steps after the first token, bucketed
         rows = [[] for _ in ids]
-        for new in self._run(ids, max_new_tokens, params, seed, steps):
+        for new in self._run(ids, max_new_tokens, params, seed, self.decode_steps):
             for row, token in zip(rows, new, strict=True):
                 row.extend(t for t in token.tolist() if t != NO_TOKEN)
         return [self._completion(row) for row in rows]

@@ -56,7 +56,7 @@ def test_subprocess_json_batch_matches_hf(hf_dir, cache_dir, tiny_tokenizer):
 
     path, hf = hf_dir
     prompts = ["Hello world", "你好 🙂"]
-    argv = ["--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", "--cache-length", 64,
+    argv = ["--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", "--cache-length", 96,
             "--max-new-tokens", 6, "--json", *(a for p in prompts for a in ("--prompt", p))]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "gemma_jax.sample", *map(str, argv)],
@@ -82,7 +82,7 @@ def test_subprocess_json_batch_matches_hf(hf_dir, cache_dir, tiny_tokenizer):
 
 def test_stream_and_chat_template(capsys, hf_dir, cache_dir):
     path, _ = hf_dir
-    common = ("--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", "--cache-length", 64)
+    common = ("--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", "--cache-length", 96)
     _, streamed = run(capsys, *common, "--max-new-tokens", 8, "--prompt", "Hi", "--chat")
     _, batched = run(capsys, *common, "--max-new-tokens", 8, "--prompt", "Hi", "--chat", "--json")
     assert streamed.out == json.loads(batched.out)["text"] + "\n"
@@ -107,7 +107,7 @@ def test_chat_repl_keeps_history(capsys, hf_dir, cache_dir, monkeypatch):
             raise EOFError from None
 
     code, _ = run(capsys, "--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32",
-                  "--cache-length", 128, "--max-new-tokens", 4, input_fn=user)  # fmt: skip
+                  "--cache-length", 96, "--max-new-tokens", 4, input_fn=user)  # fmt: skip
     assert code == 0 and len(seen) == 2
     assert seen[1][: len(seen[0])] == seen[0]  # the second turn's prompt extends the first conversation
     assert np.count_nonzero(np.asarray(seen[1]) == 106) == 4  # user, model, user, model turns

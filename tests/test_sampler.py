@@ -18,6 +18,13 @@ from gemma_jax.tokenizer import Tokenizer
 CONFIG = gj.gemma2_tiny(sliding_window=16)
 
 
+def make(model, tokenizer, **kw):
+    """Samplers share one cache length, chunk and step count, so the tests share compiled programs."""
+    return Sampler(
+        model, tokenizer, **({"cache_length": 96, "prefill_chunk": 32, "decode_steps": 8, "stream_steps": 8} | kw)
+    )
+
+
 @pytest.fixture(scope="module")
 def models():
     """HF and our model with the same weights; a small embedding so greedy text varies instead of
@@ -66,7 +73,7 @@ def ours_with_stop(completions, stop_ids):
 def test_batch_of_three_matches_hf(models, tiny_tokenizer):
     hf, model = models
     batch = prompts([5, 23, 2])
-    out = Sampler(model, tiny_tokenizer, cache_length=64).generate(batch, max_new_tokens=12)
+    out = make(model, tiny_tokenizer).generate(batch, max_new_tokens=12)
     assert ours_with_stop(out, tiny_tokenizer.stop_ids) == hf_generate(hf, batch, 12, tiny_tokenizer.stop_ids)
     assert all(c.finish_reason == "length" and len(c.token_ids) == 12 for c in out)
 
@@ -75,7 +82,7 @@ def test_ring_wraps_past_three_windows(models, tiny_tokenizer):
     """Window 16: 60 new tokens after a 20-token prompt wrap the sliding layers' ring 4 times."""
     hf, model = models
     batch = prompts([20, 7], seed=1)
-    sampler = Sampler(model, tiny_tokenizer, cache_length=96, prefill_chunk=32)
+    sampler = make(model, tiny_tokenizer)
     out = sampler.generate(batch, max_new_tokens=60)
     assert ours_with_stop(out, tiny_tokenizer.stop_ids) == hf_generate(hf, batch, 60, tiny_tokenizer.stop_ids)
     assert [len(c.token_ids) for c in out] == [60, 60]
@@ -84,27 +91,27 @@ def test_ring_wraps_past_three_windows(models, tiny_tokenizer):
 def test_stop_mid_batch_matches_hf(models, tiny_tokenizer):
     hf, model = models
     batch = prompts([6, 14, 9], seed=2)
-    free = Sampler(model, tiny_tokenizer, cache_length=64).generate(batch, max_new_tokens=16)
+    free = make(model, tiny_tokenizer).generate(batch, max_new_tokens=16)
     row0 = free[0].token_ids
     stop = next(t for i, t in enumerate(row0) if i >= 3 and t not in row0[:i])  # first new token of row 0 at >= 3
     assert any(stop not in c.token_ids for c in free[1:]), "pick seeds where some row does not stop"
     tokenizer = Tokenizer(tiny_tokenizer.model_file, stop_ids=[stop])
-    out = Sampler(model, tokenizer, cache_length=64).generate(batch, max_new_tokens=16)
+    out = make(model, tokenizer).generate(batch, max_new_tokens=16)
     assert ours_with_stop(out, [stop]) == hf_generate(hf, batch, 16, [stop])
     assert out[0].finish_reason == "stop" and out[0].token_ids == row0[: row0.index(stop)]
     assert "length" in {c.finish_reason for c in out}
 
 
 def test_chunked_prefill_and_buckets(models, tiny_tokenizer, caplog):
-    _, model = models
+    """A 70-token prompt in chunks of 32 (left-padded to 96) matches HF; prompts of 5 and 9 tokens share bucket 32."""
+    hf, model = models
     long = prompts([70], seed=3)
-    whole = Sampler(model, tiny_tokenizer, cache_length=96, prefill_chunk=128).generate(long, max_new_tokens=8)
-    sampler = Sampler(model, tiny_tokenizer, cache_length=96, prefill_chunk=32)
+    sampler = make(model, tiny_tokenizer)
     with caplog.at_level(logging.INFO, logger="gemma_jax.sampler"):
-        chunked = sampler.generate(long, max_new_tokens=8)
-    assert chunked == whole
+        out = sampler.generate(long, max_new_tokens=8)
     assert "bucket 96 (3 chunk(s) of 32)" in caplog.text
-    # prompts of 5 and 9 tokens share the 32 bucket: the second compiles no prefill
+    assert ours_with_stop(out, tiny_tokenizer.stop_ids) == hf_generate(hf, long, 8, tiny_tokenizer.stop_ids)
+    sampler = make(model, tiny_tokenizer)
     sampler.generate(prompts([5]), max_new_tokens=2)
     compiled = sampler_lib._prefill_chunk._cache_size()
     sampler.generate(prompts([9]), max_new_tokens=2)
@@ -113,7 +120,7 @@ def test_chunked_prefill_and_buckets(models, tiny_tokenizer, caplog):
 
 def test_stream_equals_generate(models, tiny_tokenizer):
     _, model = models
-    sampler = Sampler(model, tiny_tokenizer, cache_length=64, stream_steps=4)
+    sampler = make(model, tiny_tokenizer)
     pieces = list(sampler.stream("Hello world", max_new_tokens=20, temperature=0.8, seed=5))
     assert len(pieces) > 1
     full = sampler.generate(["Hello world"], max_new_tokens=20, temperature=0.8, seed=5)[0]
@@ -122,7 +129,7 @@ def test_stream_equals_generate(models, tiny_tokenizer):
 
 def test_seeds_and_top_k_one(models, tiny_tokenizer):
     _, model = models
-    sampler = Sampler(model, tiny_tokenizer, cache_length=64)
+    sampler = make(model, tiny_tokenizer)
     batch = prompts([4, 8], seed=4)
 
     def run(**kw):
@@ -137,7 +144,7 @@ def test_seeds_and_top_k_one(models, tiny_tokenizer):
 def test_insert_into_running_batch(models, tiny_tokenizer):
     """A request joining a running batch in a free row gets the same tokens as when run alone."""
     _, model = models
-    sampler = Sampler(model, tiny_tokenizer, cache_length=64)
+    sampler = make(model, tiny_tokenizer)
     a, b = prompts([9, 5], seed=5)
     alone = [sampler.generate([p], max_new_tokens=12)[0].token_ids for p in (a, b)]
     greedy = SamplingParams.create(1)
@@ -149,13 +156,13 @@ def test_insert_into_running_batch(models, tiny_tokenizer):
     cache, dstate = sampler.new_cache(2), DecodeState.empty(2)
     cache, dstate = sampler_lib.insert(cache, dstate, *request(a), 0)
     rows = [[int(dstate.tokens[0])], []]
-    cache, dstate, out = sampler.decode(cache, dstate, 4)
+    cache, dstate, out = sampler.decode(cache, dstate, 8)
     assert (out[1] == sampler_lib.NO_TOKEN).all()  # the free row did not run
     rows[0] += out[0].tolist()
     cache, dstate = sampler_lib.insert(cache, dstate, *request(b), 1)
     rows[1].append(int(dstate.tokens[1]))
     while not bool(jnp.all(dstate.done)):
-        cache, dstate, out = sampler.decode(cache, dstate, 4)
+        cache, dstate, out = sampler.decode(cache, dstate, 8)
         for row, new in zip(rows, out.tolist(), strict=True):
             row += [t for t in new if t != sampler_lib.NO_TOKEN]
     assert rows == alone
@@ -164,8 +171,8 @@ def test_insert_into_running_batch(models, tiny_tokenizer):
 @pytest.mark.parametrize(
     "prompt, kwargs, match",
     [
-        ([2] * 60, {"max_new_tokens": 10}, "60 tokens.*70 cache slots.*cache_length is 64"),
-        ([2] * 65, {"max_new_tokens": 1}, "65 tokens.*cache_length is 64"),
+        ([2] * 90, {"max_new_tokens": 10}, "90 tokens.*100 cache slots.*cache_length is 96"),
+        ([2] * 97, {"max_new_tokens": 1}, "97 tokens.*cache_length is 96"),
         ("", {}, "prompt 0 is empty"),
         ([], {}, "prompt 0 is empty"),
         ([2, 9999], {}, "outside"),
@@ -185,7 +192,7 @@ def test_bad_input_fails_before_compile(models, tiny_tokenizer, monkeypatch, pro
 
     monkeypatch.setattr(sampler_lib, "_prefill_chunk", compile_attempt)
     with pytest.raises(ValueError, match=match):
-        Sampler(model, tiny_tokenizer, cache_length=64).generate([prompt], **kwargs)
+        make(model, tiny_tokenizer).generate([prompt], **kwargs)
 
 
 def test_bad_settings(models, tiny_tokenizer):
