@@ -1,7 +1,8 @@
 """`python -m gemma_jax.sample`: complete prompts with a checkpoint, or chat with it interactively.
 
 --checkpoint takes a gemma_jax checkpoint, an HF checkpoint directory or a hub id; HF sources are
-converted once into the cache ($GEMMA_JAX_CACHE or ~/.cache/gemma_jax) and reused. Each --prompt adds
+converted once into the cache ($GEMMA_JAX_CACHE or ~/.cache/gemma_jax) and reused. Without it, the
+embedded Gemma 3 270M (the `demo` extra, `gemma_jax.default_model`) runs, offline. Each --prompt adds
 a row to one batch; without --prompt an interactive chat keeps the conversation as history.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from gemma_jax import checkpoint, fp8, sampling, sharding
+from gemma_jax import checkpoint, default_model, fp8, sampling, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.config import ConfigError
 from gemma_jax.sampler import Sampler
@@ -29,7 +30,10 @@ _INSTRUCTION_TUNED = re.compile(r"(^|[-_/])it($|[-_/])", re.IGNORECASE)  # gemma
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gemma_jax.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="gemma_jax checkpoint, HF checkpoint directory or hub id")
+    p.add_argument(
+        "--checkpoint",
+        help="gemma_jax checkpoint, HF checkpoint directory or hub id (default: the embedded Gemma 3 270M)",
+    )
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (none: interactive chat)")
     p.add_argument(
         "--chat",
@@ -48,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
-        default="bfloat16",
-        help="compute and cache dtype; fp8: e4m3 projection weights, bf16 compute (HF sources convert to FP8)",
+        help="compute and cache dtype (default: bfloat16; float32 for the embedded model); fp8: e4m3 projection "
+        "weights, bf16 compute (HF sources convert to FP8)",
     )
     p.add_argument(
         "--quant",
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = input) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.checkpoint else default_model.DTYPE)
     try:
         sampling.check(args.temperature, args.top_k, args.top_p, args.min_p)
         if args.max_new_tokens < 1 or args.cache_length < 1:
@@ -75,14 +80,18 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
     sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     try:
-        path = checkpoint.resolve(args.checkpoint, cache_dir=args.cache_dir, dtype=args.dtype)
+        path = (
+            checkpoint.resolve(args.checkpoint, cache_dir=args.cache_dir, dtype=args.dtype)
+            if args.checkpoint
+            else default_model.ensure(args.cache_dir)
+        )
         quant = args.quant or (fp8.WEIGHT_ONLY if args.dtype == "fp8" else None)
         model = checkpoint.load_model(path, dtype=DTYPES[args.dtype], mesh=mesh, quant=quant)
         tokenizer = Tokenizer.from_dir(path)
         sampler = Sampler(model, tokenizer, cache_length=args.cache_length)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    chat = args.chat if args.chat is not None else _instruction_tuned(path, args.checkpoint)
+    chat = args.chat if args.chat is not None else _instruction_tuned(path, args.checkpoint or path.name)
     settings = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
