@@ -1,0 +1,90 @@
+"""Sampling filters: greedy, top-k, top-p, min-p per row; frequencies match the truncated distribution."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_jax.sampling import SamplingParams, filtered_logits, sample
+
+# A fixed distribution over 6 tokens, deliberately not sorted by id.
+PROBS = np.array([0.05, 0.30, 0.10, 0.40, 0.02, 0.13])
+LOGITS = np.log(PROBS).astype(np.float32)
+
+
+def kept(**kw) -> np.ndarray:
+    """The normalized distribution after the filters, by token id."""
+    scaled, order = filtered_logits(jnp.asarray(LOGITS)[None], SamplingParams.create(1, temperature=1.0, **kw))
+    probs = np.zeros(len(PROBS))
+    probs[np.asarray(order[0])] = np.asarray(jax.nn.softmax(scaled[0]))
+    return probs
+
+
+def truncated(ids) -> np.ndarray:
+    p = np.zeros(len(PROBS))
+    p[ids] = PROBS[ids]
+    return p / p.sum()
+
+
+@pytest.mark.parametrize(
+    "kw, ids",
+    [
+        ({}, [0, 1, 2, 3, 4, 5]),
+        ({"top_k": 2}, [3, 1]),
+        ({"top_p": 0.7}, [3, 1]),  # 0.40 + 0.30 reaches 0.7
+        ({"top_p": 0.71}, [3, 1, 5]),
+        ({"top_p": 0.1}, [3]),  # the best token always stays
+        ({"min_p": 0.3}, [3, 1, 5]),  # >= 0.3 * 0.40
+        ({"top_k": 3, "top_p": 0.8}, [3, 1]),  # top-p on the renormalized top 3: 0.40/0.83 + 0.30/0.83 > 0.8
+    ],
+)
+def test_filters_keep_the_right_tokens(kw, ids):
+    np.testing.assert_allclose(kept(**kw), truncated(ids), atol=1e-6)
+
+
+def test_top_p_frequencies_match_truncated_distribution():
+    """Chi-square test with a fixed seed: 20k draws with top_p=0.8 follow {3, 1, 5} renormalized."""
+    n = 20_000
+    params = SamplingParams.create(n, temperature=1.0, top_p=0.8)
+    keys = jax.random.split(jax.random.key(0), n)
+    tokens = np.asarray(jax.jit(sample)(jnp.broadcast_to(jnp.asarray(LOGITS), (n, len(PROBS))), params, keys))
+    counts = np.bincount(tokens, minlength=len(PROBS))
+    expected = truncated([3, 1, 5]) * n
+    assert counts[[0, 2, 4]].sum() == 0
+    support = expected > 0
+    chi2 = (((counts - expected) ** 2)[support] / expected[support]).sum()
+    assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001
+
+
+def test_rows_use_their_own_settings():
+    logits = jnp.asarray(np.stack([LOGITS, LOGITS, LOGITS]))
+    params = SamplingParams.create(3, temperature=[0.0, 1.0, 1.0], top_k=[0, 1, 0], top_p=[1.0, 1.0, 0.05])
+    keys = jax.random.split(jax.random.key(1), 3)
+    assert np.asarray(sample(logits, params, keys)).tolist() == [3, 3, 3]  # greedy, top-1, tiny nucleus
+
+
+def test_same_key_same_tokens_and_temperature_flattens():
+    n = 4000
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (n, len(PROBS)))
+    keys = jax.random.split(jax.random.key(2), n)
+    cold = np.asarray(sample(logits, SamplingParams.create(n, temperature=0.5), keys))
+    hot = np.asarray(sample(logits, SamplingParams.create(n, temperature=2.0), keys))
+    np.testing.assert_array_equal(cold, np.asarray(sample(logits, SamplingParams.create(n, temperature=0.5), keys)))
+    assert (cold == 3).mean() > (hot == 3).mean() + 0.1
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"min_p": -0.1}, "min_p"),
+    ],
+)
+def test_invalid_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams.create(2, **kw)
