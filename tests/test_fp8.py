@@ -18,7 +18,7 @@ from flax import nnx
 
 import gemma_jax as gj
 from gemma_jax import checkpoint as ck
-from gemma_jax import fp8, quant, sample
+from gemma_jax import fp8, quant, sample, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.linear import Linear
 
@@ -188,6 +188,35 @@ def test_tiny_model_matches_float32(fp8_params, prompts, float32_logits, mode, m
     assert rel_error <= max_rel_error
 
 
+def at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_fp8_params_shard_like_bf16_and_sharded_w8a8_matches(fp8_params, prompts):
+    """Each FP8 kernel dimension gets the mesh axes its float twin gets (by logical name); scales follow."""
+    mesh = sharding.make_mesh("fsdp=2,tensor=4")
+    float_model, fp8_model = gj.abstract_model(CONFIG), fp8.abstract_model(CONFIG)
+    float_specs = sharding.param_shardings(float_model, mesh)
+    fp8_specs = sharding.param_shardings(fp8_model, mesh)
+    float_linears = dict(nnx.iter_modules(float_model))
+    for path, linear in nnx.iter_modules(fp8_model):
+        if isinstance(linear, Linear):
+            before = dict(
+                zip(float_linears[path].kernel.logical_axes, at(float_specs, path)["kernel"].spec, strict=True)
+            )
+            after = dict(zip(linear.kernel.logical_axes, at(fp8_specs, path)["kernel"].spec, strict=True))
+            scale = dict(zip(linear.scale.logical_axes, at(fp8_specs, path)["scale"].spec, strict=True))
+            assert after == before and scale.items() <= before.items()
+
+    model = fp8.from_params(CONFIG, fp8_params, dtype=jnp.float32, mode=fp8.W8A8, emulate=True)
+    want, _ = nnx.jit(lambda m, t: m(t))(model, prompts)
+    sharded = sharding.shard_model(model, mesh)
+    got, _ = sharding.jit_forward(sharded, mesh)(gj.params_of(sharded), np.asarray(prompts))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-3, rtol=0)
+
+
 def fp8_dots(hlo: str) -> int:
     """stablehlo.dot_general ops whose two operands are both e4m3."""
     return len(re.findall(r"stablehlo\.dot_general .*: \(tensor<[0-9x]*xf8E4M3FN>, tensor<[0-9x]*xf8E4M3FN>\)", hlo))
@@ -273,6 +302,13 @@ def test_fp8_checkpoint_round_trips_and_halves_projection_bytes(hf_checkpoint, c
     np.testing.assert_allclose(np.asarray(forward(on_load, jnp.asarray(tokens))), logits, atol=1e-5, rtol=0)
     top1 = np.mean(logits.argmax(-1) == hf_logits(hf, tokens).argmax(-1))
     assert top1 >= 0.95, top1  # vs the float32 HF model (measured 1.0; bf16 storage + FP8 projections)
+
+    # Restored straight into the shardings of the FP8 model's logical axes.
+    mesh = sharding.make_mesh("fsdp=2,tensor=4")
+    placed = gj.params_of(ck.load_model(converted["fp8"], mesh=mesh))
+    expected_shardings = sharding.param_shardings(fp8.abstract_model(CONFIG), mesh)
+    for leaf, want in zip(jax.tree.leaves(placed), jax.tree.leaves(expected_shardings), strict=True):
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
 
     with pytest.raises(CheckpointError, match="is an FP8 checkpoint; export the bf16"):
         ck.export_hf(converted["fp8"], src.parent / "exported")
