@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -277,6 +278,20 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """The model with every parameter moved into its sharding (for a model built on one device)."""
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, jax.device_put(state.to_pure_dict(), param_shardings(state, mesh)))
+
+
+def init_optimizer(tx: optax.GradientTransformation, params, mesh: Mesh):
+    """`tx.init(params)` created directly sharded: per-parameter state (Adam mu/nu, RMSProp nu) as its parameter,
+    the rest (step counts) replicated. `params` (a dict or nnx.State) must already be placed.
+
+    A plain `jax.jit(tx.init)` would not do: zeros depend on no input, so nothing propagates their sharding.
+    """
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    replicated = NamedSharding(mesh, P())
+    out = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings, transform_non_params=lambda _: replicated
+    )
+    return jax.jit(tx.init, out_shardings=out)(params)
 
 
 # --------------------------------------------------------------------------------------------- KV cache

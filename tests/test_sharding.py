@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
+import runpy
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import left_padded
 from flax import nnx
@@ -17,7 +20,9 @@ from jax.sharding import PartitionSpec as P
 import gemma_jax as gj
 from gemma_jax import checkpoint
 from gemma_jax import sharding as shd
+from gemma_jax.sampler import Sampler
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 # tensor=8 divides heads, kv heads, mlp (128) and vocab (512); fsdp=8 divides embed (64); 5 layers = scanned
 # groups plus an unscanned tail layer.
 CONFIG = gj.gemma2_tiny(num_heads=8, num_kv_heads=8, num_layers=5)
@@ -126,6 +131,20 @@ def test_mesh_matches_one_device(reference, spec):
     assert k.addressable_shards[0].data.shape == shard_shape(("layers", *shd.CACHE_KV), k.shape, mesh)
 
 
+def test_sampler_greedy_tokens_match_one_device(reference, tiny_tokenizer):
+    """`Sampler.generate` (bucketed prefill + while_loop decode) on a model sharded fsdp=2 x tensor=4, with its
+    activation constraints active (`jax.set_mesh`), picks the one-device greedy tokens."""
+    model, tokens, mask, _, want = reference
+    prompts = [row[keep].tolist() for row, keep in zip(tokens, mask, strict=True)]
+    mesh = shd.make_mesh("fsdp=2,tensor=4")
+    sampler = Sampler(shd.shard_model(model, mesh), tiny_tokenizer, cache_length=CACHE_LENGTH, decode_steps=4)
+    with jax.set_mesh(mesh):
+        got = [c.token_ids for c in sampler.generate(prompts, max_new_tokens=DECODE_STEPS)]
+    # the sampler stops a row at a stop token; the reference loop does not
+    assert got == [w[: len(g)].tolist() for g, w in zip(got, want, strict=True)]
+    assert sum(map(len, got)) > len(got)
+
+
 def test_kv_heads_that_do_not_divide_tensor_are_replicated():
     """GQA with 2 kv heads under tensor=4: k/v and their cache replicate over tensor; q stays split; a batch
     of 3 (not divisible by fsdp=2) is replicated. Logits still match one device."""
@@ -162,6 +181,17 @@ def test_init_sharded_equals_one_device_init_and_is_split():
         "heads",
         "head_dim",
     )
+
+
+def test_optimizer_state_is_sharded_like_the_params():
+    mesh = shd.make_mesh("fsdp=2,tensor=4")
+    params = gj.params_of(shd.shard_model(host_model(CONFIG, 0), mesh))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    state = shd.init_optimizer(tx, params, mesh)
+    adam = state[1][0]
+    for moments in (adam.mu, adam.nu):
+        jax.tree.map(lambda m, p: assert_sharded_as(m, p.sharding), moments, params)
+    assert adam.count.sharding.is_fully_replicated
 
 
 def test_checkpoint_restores_into_the_shardings(tmp_path):
@@ -300,3 +330,15 @@ def test_distributed_settings_from_env(initialize_calls, monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "two")
     with pytest.raises(shd.ShardingError, match=r"\$JAX_PROCESS_ID should be an integer, got 'two'"):
         shd.maybe_initialize_distributed()
+
+
+def test_memory_table_script_matches_docs():
+    """benchmarks/memory_table.py runs (shapes only) and docs/sharding.md holds its current output."""
+    script = runpy.run_path(str(REPO / "benchmarks" / "memory_table.py"))
+    table = script["table"]()
+    assert table in (REPO / "docs" / "sharding.md").read_text(), "rerun benchmarks/memory_table.py into the docs"
+    row = script["row"]("9b", "v5e-8", "fsdp=8")  # fsdp=8 splits every parameter and the batch of 8 eight ways
+    params = gj.params_of(gj.abstract_model(gj.gemma2_9b()))
+    assert row.weights * 8 == 2 * sum(x.size for x in jax.tree.leaves(params))
+    slots = 8 * 21 * (16384 + 4096)  # 8 rows x 21 x (global + sliding ring) slots
+    assert row.cache * 8 == slots * (2 * 8 * 256 * 2 + 4)  # k and v: 8 kv heads x 256 bf16; positions int32
