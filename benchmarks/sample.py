@@ -1,0 +1,190 @@
+"""Sampling benchmark: prefill and decode tokens/s and KV-cache bytes of gemma_jax's Sampler vs HF `generate`.
+
+    python benchmarks/sample.py [--prompt 128] [--new 32] [--repeats 2]
+    python benchmarks/sample.py --preset gemma2_9b --random-weights [--prompt 2048] [--new 256]   # on a GPU/TPU
+
+Default: float32 random weights on the default backend, for the tiny test config and a 2-layer slice of
+the gemma-2-2b shape (32k vocab), each next to HF transformers (eager, same weights) on the same machine.
+Prefill = generate(max_new_tokens=1); decode = (generate(1 + new) - generate(1)) / new tokens, at batch
+1 and 8, greedy. Ratios are gemma_jax / HF (higher is faster); cache bytes are ours (preallocated for
+prompt + new) and HF's after generation. `--preset NAME --random-weights` runs only gemma_jax, in
+bfloat16, and compares decode against the memory-bandwidth floor (weights + cache read once per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import gemma_jax as gj
+from gemma_jax import tokenizer as tokenizer_lib
+from gemma_jax.sampler import Sampler
+
+# HBM bandwidth, bytes/s, by device kind (public spec sheets); unknown kinds print no floor.
+BANDWIDTH = {
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "A100": 2.0e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 8.2e11,
+    "TPU v5p": 2.76e12,
+}
+
+
+def demo_tokenizer(directory: pathlib.Path) -> tokenizer_lib.Tokenizer:
+    """Any Gemma-layout tokenizer will do: prompts are token ids, it supplies the stop ids and decoding."""
+    return tokenizer_lib.train(
+        directory / "tokenizer.model", ["The quick brown fox jumps over the lazy dog."], vocab_size=400
+    )
+
+
+def never_stop(embedding: jax.Array, stop_ids) -> jax.Array:
+    """Zero the tied embedding rows of the stop ids: their logit is 0 while the best of the others is
+    positive, so greedy decoding runs the full length on both sides and counts compare."""
+    return embedding.at[jnp.asarray(stop_ids)].set(0)
+
+
+def prompts(config: gj.GemmaConfig, batch: int, length: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [[2, *rng.integers(110, config.vocab_size, length - 1).tolist()] for _ in range(batch)]
+
+
+def timed(fn, repeats: int) -> float:
+    """Best wall time of `repeats` runs after one warm-up (compile) run."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_ours(sampler: Sampler, config, batch: int, length: int, new: int, repeats: int) -> dict:
+    ids = prompts(config, batch, length)
+    produced = []
+
+    def run(n):
+        out = sampler.generate(ids, max_new_tokens=n)
+        produced.append(sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out))
+
+    prefill_s = timed(lambda: run(1), repeats)
+    total_s = timed(lambda: run(1 + new), repeats)
+    decoded = produced[-1] - batch  # tokens after each row's first
+    return {
+        "prefill": batch * length / prefill_s,
+        "decode": decoded / max(total_s - prefill_s, 1e-9),
+        "cache": sampler.new_cache(batch).nbytes,
+    }
+
+
+def bench_hf(hf, config, stop_ids, batch: int, length: int, new: int, repeats: int) -> dict:
+    import torch
+
+    x = torch.as_tensor(np.asarray(prompts(config, batch, length), np.int64))
+    out = {}
+
+    def run(n):
+        with torch.inference_mode():
+            out["g"] = hf.generate(
+                x,
+                do_sample=False,
+                max_new_tokens=n,
+                eos_token_id=list(stop_ids),
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+
+    prefill_s = timed(lambda: run(1), repeats)
+    total_s = timed(lambda: run(1 + new), repeats)
+    cache = out["g"].past_key_values
+    nbytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return {"prefill": batch * length / prefill_s, "decode": batch * new / (total_s - prefill_s), "cache": nbytes}
+
+
+def compare(args, tmp: pathlib.Path) -> None:
+    import torch
+    import transformers
+
+    from gemma_jax.params import from_hf_state_dict
+
+    configs = {
+        "tiny": gj.gemma2_tiny(sliding_window=64),
+        "2b-shape 2 layers 32k vocab": dataclasses.replace(gj.gemma2_2b(), num_layers=2, vocab_size=32768),
+    }
+    tok = demo_tokenizer(tmp)
+    device = jax.devices()[0].device_kind
+    print(f"backend={jax.default_backend()} device={device} torch_threads={torch.get_num_threads()}")
+    print(f"float32, prompt {args.prompt} tokens, {args.new} new tokens, greedy; best of {args.repeats} after warm-up")
+    print(f"{'config':<28} {'batch':>5} {'metric':<10} {'gemma_jax':>12} {'HF':>12} {'ratio':>7}")
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        hf_config = transformers.Gemma2Config(**config.to_hf(), attn_implementation="eager")
+        hf = transformers.Gemma2ForCausalLM(hf_config).eval()
+        with torch.no_grad():
+            hf.model.embed_tokens.weight[list(tok.stop_ids)] = 0.0  # as never_stop: both run the full length
+        sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+        model = gj.from_params(config, from_hf_state_dict(sd, config))
+        sampler = Sampler(model, tok, cache_length=args.prompt + args.new + 1, prefill_chunk=2048)
+        for batch in (1, 8):
+            ours = bench_ours(sampler, config, batch, args.prompt, args.new, args.repeats)
+            theirs = bench_hf(hf, config, tok.stop_ids, batch, args.prompt, args.new, args.repeats)
+            for metric, unit in (("prefill", "tok/s"), ("decode", "tok/s"), ("cache", "bytes")):
+                a, b = ours[metric], theirs[metric]
+                ratio = b / a if metric == "cache" else a / b  # >1: we are faster / smaller
+                print(f"{name:<28} {batch:>5} {metric + ' ' + unit:<10} {a:>12.4g} {b:>12.4g} {ratio:>6.2f}x")
+
+
+def big(args, tmp: pathlib.Path) -> None:
+    """One preset with random bf16 weights: tokens/s and the bandwidth floor of decode."""
+    config = gj.preset(args.preset)
+    t0 = time.perf_counter()
+    model = gj.Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    print(f"{args.preset}: {param_bytes / 1e9:.2f} GB bf16 params, init {time.perf_counter() - t0:.0f}s")
+    kind = jax.devices()[0].device_kind
+    bandwidth = next((bw for k, bw in BANDWIDTH.items() if k in kind), None)
+    tok = demo_tokenizer(tmp)
+    model.embedder.embedding.value = never_stop(model.embedder.embedding.value, tok.stop_ids)
+    sampler = Sampler(model, tok, cache_length=args.cache_length)
+    print(f"device {kind}, cache_length {args.cache_length}, prompt {args.prompt}, {args.new} new tokens")
+    for batch in (1, 8):
+        r = bench_ours(sampler, config, batch, args.prompt, args.new, args.repeats)
+        step_s = batch / r["decode"]
+        line = (
+            f"batch {batch}: prefill {r['prefill']:.0f} tok/s, decode {r['decode']:.1f} tok/s "
+            f"({step_s * 1e3:.1f} ms/step), cache {r['cache'] / 1e9:.2f} GB"
+        )
+        if bandwidth:
+            floor = (param_bytes + r["cache"]) / bandwidth  # every weight and cache slot read once per step
+            line += f", bandwidth floor {floor * 1e3:.1f} ms/step ({floor / step_s:.0%} of it reached)"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; 2048 with --preset)")
+    parser.add_argument("--new", type=int, default=None, help="decoded tokens (default 32; 256 with --preset)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--preset", default=None, help="with --random-weights: e.g. gemma2_9b")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--cache-length", type=int, default=16384, help="with --preset")
+    args = parser.parse_args()
+    if bool(args.preset) != args.random_weights:
+        parser.error("--preset and --random-weights go together (there are no real weights here)")
+    args.prompt = args.prompt or (2048 if args.preset else 128)
+    args.new = args.new or (256 if args.preset else 32)
+    with tempfile.TemporaryDirectory() as tmp:
+        (big if args.preset else compare)(args, pathlib.Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
