@@ -337,6 +337,8 @@ def test_memory_table_script_matches_docs():
     script = runpy.run_path(str(REPO / "benchmarks" / "memory_table.py"))
     table = script["table"]()
     assert table in (REPO / "docs" / "sharding.md").read_text(), "rerun benchmarks/memory_table.py into the docs"
+    readme_rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| 9b |")]
+    assert readme_rows and all(line in table.splitlines() for line in readme_rows)
     row = script["row"]("9b", "v5e-8", "fsdp=8")  # fsdp=8 splits every parameter and the batch of 8 eight ways
     params = gj.params_of(gj.abstract_model(gj.gemma2_9b()))
     assert row.weights * 8 == 2 * sum(x.size for x in jax.tree.leaves(params))
