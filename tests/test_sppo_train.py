@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -64,32 +66,59 @@ def test_one_update_lowers_the_loss_on_its_batch(rows, tiny_tokenizer):
     assert batch_loss(state["params"]) < 0.9 * before
 
 
-@pytest.mark.parametrize("lora_rank", [4])
-def test_killed_run_resumes_with_the_same_losses(rows, tiny_tokenizer, tmp_path, lora_rank):
-    cfg = sppo_train.TrainConfig(
-        batch_size=4, grad_accum=2, epochs=2, learning_rate=1e-3, beta=0.1, save_every=1, lora_rank=lora_rank
-    )
-    vocab = tiny_tokenizer.vocab_size
-    full = sppo_train.train(tiny_model(vocab), tiny_tokenizer, rows, tmp_path / "a", cfg)
-    assert [h["step"] for h in full.history] == [1, 2, 3, 4]
+RESUME_CFG = sppo_train.TrainConfig(batch_size=4, grad_accum=2, epochs=2, learning_rate=1e-3, beta=0.1, lora_rank=4)
 
-    def crash(step, metrics):
-        if step == 2:
-            raise RuntimeError("killed")
 
-    with pytest.raises(RuntimeError, match="killed"):
-        sppo_train.train(tiny_model(vocab), tiny_tokenizer, rows, tmp_path / "b", cfg, on_step=crash)
-    resumed = sppo_train.train(tiny_model(vocab), tiny_tokenizer, rows, tmp_path / "b", cfg)
-    assert [h["step"] for h in resumed.history] == [3, 4]
-    for a, b in zip(full.history[2:], resumed.history, strict=True):
+@pytest.fixture(scope="module")
+def uninterrupted(rows, tiny_tokenizer, tmp_path_factory):
+    model = tiny_model(tiny_tokenizer.vocab_size)
+    return sppo_train.train(model, tiny_tokenizer, rows, tmp_path_factory.mktemp("run"), RESUME_CFG)
+
+
+@pytest.mark.parametrize(("kill", "save_every", "at"), [(RuntimeError, 1, 2), (KeyboardInterrupt, 100, 1)])
+def test_killed_run_resumes_with_the_same_losses(rows, tiny_tokenizer, tmp_path, uninterrupted, kill, save_every, at):
+    """A crash after a save, or Ctrl-C (which saves first), then the same command again."""
+    cfg = dataclasses.replace(RESUME_CFG, save_every=save_every)
+    assert [h["step"] for h in uninterrupted.history] == [1, 2, 3, 4]
+
+    def die(step, metrics):
+        if step == at:
+            raise kill("killed")
+
+    with pytest.raises(kill, match="killed"):
+        sppo_train.train(tiny_model(tiny_tokenizer.vocab_size), tiny_tokenizer, rows, tmp_path, cfg, on_step=die)
+    resumed = sppo_train.train(tiny_model(tiny_tokenizer.vocab_size), tiny_tokenizer, rows, tmp_path, cfg)
+    assert [h["step"] for h in resumed.history] == list(range(at + 1, 5))
+    for a, b in zip(uninterrupted.history[at:], resumed.history, strict=True):
         for key in ("loss", "rewards/margins", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
     # the returned model is plain (adapters merged) and equals the uninterrupted run's
+    kernel = ("groups", "layers", 0, "attn", "q", "kernel")
     np.testing.assert_allclose(
-        gj.params_of(resumed.model)["groups"]["layers"][0]["attn"]["q"]["kernel"],
-        gj.params_of(full.model)["groups"]["layers"][0]["attn"]["q"]["kernel"],
-        rtol=1e-6,
+        _get(gj.params_of(resumed.model), kernel), _get(gj.params_of(uninterrupted.model), kernel)
     )
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_fsdp_and_on_the_fly_reference_match_single_device(rows, tiny_tokenizer, tmp_path):
+    """Full fine-tuning over 8 devices (FSDP) with the reference recomputed each step = one device, precomputed."""
+    from gemma_jax.sharding import make_mesh
+
+    cfg = sppo_train.TrainConfig(batch_size=8, grad_accum=1, epochs=2, learning_rate=1e-4, beta=0.1, warmup_ratio=0)
+    vocab = tiny_tokenizer.vocab_size
+    single = sppo_train.train(tiny_model(vocab), tiny_tokenizer, rows, tmp_path / "one", cfg)
+    mesh = make_mesh("fsdp=8")
+    on_the_fly = dataclasses.replace(cfg, reference_on_the_fly=True)
+    sharded = sppo_train.train(tiny_model(vocab), tiny_tokenizer, rows, tmp_path / "fsdp", on_the_fly, mesh=mesh)
+    assert not (tmp_path / "fsdp" / sppo_train.REFERENCE_LOGPS).exists()
+    for a, b in zip(single.history, sharded.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert single.history[1]["loss"] < single.history[0]["loss"]
 
 
 def test_bad_config_fails_before_work(rows, tiny_tokenizer, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -69,9 +70,10 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = lora_lib.TARGETS
     reference_on_the_fly: bool = False
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    max_steps: int | None = None  # stop early; the schedule is still sized by the full run
+    # Run control, not hyperparameters: left out of equality so runs differing only here share compiles.
+    save_every: int = dataclasses.field(default=50, compare=False)
+    keep_checkpoints: int = dataclasses.field(default=2, compare=False)
+    max_steps: int | None = dataclasses.field(default=None, compare=False)  # stop early; schedule sized by the full run
 
     def validate(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -154,6 +156,17 @@ def _loss(params, frozen, ref_params, batch, *, graphdef, cfg: TrainConfig):
     return loss, {"loss": loss, **reward_metrics(logps, beta=cfg.beta)}
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_train_step(graphdef, cfg: TrainConfig, total_steps: int) -> Callable:
+    """One jitted step per (model structure, hyperparameters, run length): `iterate` and resumes reuse it."""
+    return make_train_step(graphdef, make_optimizer(cfg, total_steps), cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def _logps_fn(graphdef) -> Callable:
+    return jax.jit(lambda p, f, b: _policy_logps(graphdef, p, f, b))
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig) -> Callable:
     """(state, frozen, ref_params, batch [A, ...]) -> (state, metrics): A micro-batches, one update."""
     opt_dtype = jnp.dtype(cfg.opt_dtype)
@@ -208,7 +221,7 @@ def _pad_to(x: np.ndarray, t: int) -> np.ndarray:
 
 def reference_logps(graphdef, params, frozen, dataset: PairDataset, cfg: TrainConfig, mesh=None) -> np.ndarray:
     """[N, 2] summed log-probs of chosen and rejected under the starting policy, in micro-batches."""
-    fn = jax.jit(lambda p, f, b: _policy_logps(graphdef, p, f, b))
+    fn = _logps_fn(graphdef)
     out = np.zeros((len(dataset), 2), np.float32)
     b = cfg.micro_batch
     for start in tqdm(range(0, len(dataset), b), desc="reference log-probs", leave=False):
@@ -322,7 +335,7 @@ def train(
         state, start = _restore(manager, state, len(dataset), cfg)
         log.info("resumed from step %d of %d", start, total)
 
-    step_fn = make_train_step(graphdef, tx, cfg)
+    step_fn = _cached_train_step(graphdef, cfg, total)
     history: list[dict] = []
     step = start
     try:
