@@ -104,6 +104,13 @@ def test_unsupported_einsum_is_refused():
         quant.split_spec("BTD,ND->BTN")  # kernel's contracting axis is not leading
 
 
+def test_dequantize_params_restores_the_float_tree(params, fp8_params):
+    restored = fp8.dequantize_params(CONFIG, fp8_params)
+    assert jax.tree.structure(restored) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1 / 16, atol=1e-3)
+
+
 def test_quantized_tree_layout_and_axes(fp8_params):
     """Kernels become e4m3 [..., out, in] with f32 scales [..., out]; logical axes are permuted alike."""
     model = fp8.abstract_model(CONFIG, param_dtype=jnp.float32, mode=fp8.WEIGHT_ONLY)
