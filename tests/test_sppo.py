@@ -12,6 +12,8 @@ from flax import nnx
 import gemma_jax as gj
 from gemma_jax.sppo import data, lora, preference, selfplay
 from gemma_jax.sppo import trainer as sppo_train
+from gemma_jax.sppo.__main__ import main
+from gemma_jax.sppo.judge import JudgeScorer
 from gemma_jax.sppo.loss import PairLogps, PairProbs, sequence_logps, sppo_losses
 
 # ---------------------------------------------------------------- loss
@@ -215,3 +217,24 @@ def test_rmsprop_matches_torch():
     for k in p0:
         np.testing.assert_allclose(params[k], tp[k].detach().numpy(), rtol=1e-6, atol=1e-7)
     assert [float(schedule(s)) for s in (0, 1, 2, 5, 8)] == pytest.approx([0.0, 5e-3, 1e-2, 0.5e-2, 0.0])
+
+
+def test_judge_scorer_averages_both_orders(tiny_tokenizer):
+    model = gj.Transformer(gj.gemma2_tiny(vocab_size=tiny_tokenizer.vocab_size, num_layers=2), rngs=nnx.Rngs(0))
+    p = JudgeScorer(model, tiny_tokenizer)("hello world", ["the fox", "a lazy dog", "how are you"])
+    assert p.shape == (3, 3) and np.all(np.diag(p) == 0.5)
+    np.testing.assert_allclose(p + p.T, 1.0, atol=1e-12)
+    assert np.abs(p - 0.5).max() > 1e-6  # the random judge does prefer something
+
+
+def test_cli_errors_are_named(tmp_path, capsys):
+    samples = data.write_rows(tmp_path / "s.jsonl", [{"prompt": "p", "outputs": ["a", "b"]}])
+    assert main(["score", "--samples", str(samples), "--out", str(tmp_path / "t.jsonl"), "--scorer", "pairrm"]) == 2
+    assert "no column 'responses'" in capsys.readouterr().err
+    rows = data.write_rows(tmp_path / "t.jsonl", [{"chosen": []}])
+    args = ["train", "--model", str(tmp_path / "none"), "--data", str(rows), "--out", str(tmp_path / "run")]
+    assert main([*args, "--lora-rank", "4", "--lora-targets", "q,qkv"]) == 2
+    assert "LoRA target 'qkv' matches no module" in capsys.readouterr().err
+    samples = data.write_rows(tmp_path / "s.jsonl", [{"prompt": "p", "responses": ["a", "b"]}])
+    assert main(["score", "--samples", str(samples), "--out", str(tmp_path / "t.jsonl"), "--scorer", "x"]) == 2
+    assert "unknown scorer 'x'" in capsys.readouterr().err

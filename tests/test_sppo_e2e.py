@@ -67,7 +67,8 @@ def test_two_iterations_raise_preferred_rate(tiny_tokenizer, tmp_path):
     assert rc == 0
     final = tmp_path / "run" / "iter2" / "run" / "checkpoint"
     assert checkpoint.is_checkpoint(final)
+    hf = checkpoint.export_hf(final, tmp_path / "hf", progress=False)  # what convert/orbax_to_hf.py runs
+    assert (hf / "config.json").is_file() and (hf / "tokenizer.model").is_file()
     before = _preferred_rate(start, tiny_tokenizer, held_out)
     after = _preferred_rate(final, tiny_tokenizer, held_out)
-    print("preferred rate", before, after)
     assert after >= before + 0.2, (before, after)
