@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
         quant = args.quant or (fp8.WEIGHT_ONLY if args.dtype == "fp8" else None)
         model = checkpoint.load_model(path, dtype=DTYPES[args.dtype], mesh=mesh, quant=quant)
         tokenizer = Tokenizer.from_dir(path)
-        sampler = Sampler(model, tokenizer, cache_length=args.cache_length)
+        sampler = Sampler(model, tokenizer, cache_length=args.cache_length, mesh=mesh)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     chat = args.chat if args.chat is not None else _instruction_tuned(path, args.checkpoint or path.name)

@@ -10,6 +10,7 @@ compiled programs are shared by every Sampler over the same architecture.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -174,6 +175,8 @@ class Sampler:
     chunk costs [B, N, chunk, cache + chunk] scores). Each decode call runs up to `decode_steps`
     steps (`stream_steps` when streaming) and stops early once every row is done, so one compile
     per batch size serves any `max_new_tokens`. The model's weights are captured when the Sampler is built.
+    With a `mesh` (the one the model is sharded over), caches are created in their shardings and the
+    jitted steps run under the mesh, so the model's sharding constraints apply.
     """
 
     def __init__(
@@ -186,6 +189,7 @@ class Sampler:
         cache_dtype: jnp.dtype | str | None = None,
         decode_steps: int = 64,
         stream_steps: int = 8,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         for name, value in (
             ("cache_length", cache_length),
@@ -210,13 +214,21 @@ class Sampler:
         self.prefill_chunk = prefill_chunk
         self.decode_steps = decode_steps
         self.stream_steps = stream_steps
+        self.mesh = mesh
         self._graphdef, self._state = nnx.split(model)
         self._stop_ids = jnp.asarray(tokenizer.stop_ids, jnp.int32)
 
     # -- the pieces a server composes -------------------------------------------------------
 
     def new_cache(self, batch: int) -> KVCache:
-        return KVCache.create(self.config, batch, self.cache_length, self.cache_dtype)
+        if self.mesh is None:
+            return KVCache.create(self.config, batch, self.cache_length, self.cache_dtype)
+        from gemma_jax.sharding import init_cache  # only meshes need the sharding rules
+
+        return init_cache(self.config, batch, self.cache_length, self.cache_dtype, self.mesh)
+
+    def _on_mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, KVCache]:
         """Write token-id prompts (one per cache row) into `cache`; return each row's next-token logits [B, V].
@@ -231,11 +243,12 @@ class Sampler:
                     len(prompts), longest, padded, padded // chunk, chunk)  # fmt: skip
         tokens, mask = left_pad(prompts, padded, self.tokenizer.pad_id)
         positions = np.where(mask, np.cumsum(mask, axis=1) - 1, EMPTY).astype(np.int32)
-        for s in range(0, padded, chunk):
-            cols = slice(s, s + chunk)
-            logits, cache = _prefill_chunk(
-                self._graphdef, self._state, cache, tokens[:, cols], positions[:, cols], mask[:, cols]
-            )
+        with self._on_mesh():
+            for s in range(0, padded, chunk):
+                cols = slice(s, s + chunk)
+                logits, cache = _prefill_chunk(
+                    self._graphdef, self._state, cache, tokens[:, cols], positions[:, cols], mask[:, cols]
+                )
         return logits, cache
 
     def start(
@@ -250,11 +263,13 @@ class Sampler:
         batch = len(prompts)
         keys = jax.random.split(jax.random.key(seed), batch)
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        return start(logits, lengths, jnp.full((batch,), max_new_tokens, jnp.int32), params, keys, self._stop_ids)
+        with self._on_mesh():
+            return start(logits, lengths, jnp.full((batch,), max_new_tokens, jnp.int32), params, keys, self._stop_ids)
 
     def decode(self, cache: KVCache, dstate: DecodeState, num_steps: int) -> tuple[KVCache, DecodeState, np.ndarray]:
         """Run up to `num_steps` steps (static: one compile per value); tokens [B, num_steps], NO_TOKEN = none."""
-        cache, dstate, out = _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
+        with self._on_mesh():
+            cache, dstate, out = _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
         return cache, dstate, np.asarray(out)
 
     # -- whole requests ---------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -203,3 +204,24 @@ def test_bad_settings(models, tiny_tokenizer):
         Sampler(model, tiny_tokenizer, cache_length=0)
     with pytest.raises(ValueError, match="non-empty list"):
         Sampler(model, tiny_tokenizer).generate("a string, not a list")
+
+
+def test_sharded_sampler_matches_single_device(models, tiny_tokenizer):
+    """Over a data x fsdp x tensor mesh of 8 CPU devices: cache in its shardings, same greedy tokens."""
+    from gemma_jax import sharding
+
+    _, model = models
+    batch = prompts([7, 3], seed=6)
+    expected = make(model, tiny_tokenizer).generate(batch, max_new_tokens=6)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    sharded = make(sharding.shard_model(gj.from_params(CONFIG, gj.params_of(model)), mesh), tiny_tokenizer, mesh=mesh)
+    assert len(sharded.new_cache(2).groups[0].k.sharding.device_set) == 8
+    assert sharded.generate(batch, max_new_tokens=6) == expected
+
+
+def test_9b_cache_at_16k_is_3_5_gb(tiny_tokenizer):
+    """The Sampler's default cache for one 9B sequence: sliding layers hold a 4096 ring, global layers 16k."""
+    sampler = Sampler(gj.abstract_model(gj.gemma2_9b(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), tiny_tokenizer)
+    cache = jax.eval_shape(lambda: sampler.new_cache(1))
+    kv_bytes = sum(x.size * x.dtype.itemsize for c in cache.groups for x in (c.k, c.v))
+    assert sampler.cache_length == 16384 and 3.4e9 < kv_bytes < 3.6e9  # a full-length cache would be 5.6 GB
