@@ -55,18 +55,20 @@ def tree_bytes(tree, per_device=None) -> int:
     )
 
 
-def bench_cpu(config: gj.GemmaConfig, cfg: trainer.TrainConfig, length: int, steps: int) -> dict:
-    model = gj.Transformer(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+def time_steps(model: gj.Transformer, cfg: trainer.TrainConfig, length: int, steps: int) -> dict:
+    """Compile, warm up, then time `steps` train steps on one synthetic batch; the compiled step's memory too."""
     model.remat = cfg.remat
     graphdef, trainable, frozen = trainer.split_model(model, cfg)
-    tx = trainer.make_optimizer(cfg, total_steps=100)
+    tx = trainer.make_optimizer(cfg, total_steps=1000)
     step = trainer.make_train_step(graphdef, tx, cfg)
     state = trainer.init_state(tx, trainable, cfg)
-    batch = synthetic_batch(cfg, config.vocab_size, length)
-    compiled = step.lower(state, frozen, None, batch).compile()
-    mem = compiled.memory_analysis()
-    state, metrics = step(state, frozen, None, batch)  # warm up
+    batch = synthetic_batch(cfg, model.config.vocab_size, length)
+    t0 = time.perf_counter()
+    step = step.lower(state, frozen, None, batch).compile()  # compiled once, called directly below
+    mem = step.memory_analysis()
+    state, metrics = step(state, frozen, None, batch)
     jax.block_until_ready(metrics)
+    first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         state, metrics = step(state, frozen, None, batch)
@@ -76,11 +78,13 @@ def bench_cpu(config: gj.GemmaConfig, cfg: trainer.TrainConfig, length: int, ste
         "trainable": sum(x.size for x in jax.tree.leaves(trainable)),
         "tokens_per_s": batch["mask"].sum() / seconds,
         "step_s": seconds,
+        "compile_and_first_s": first,
         "memory": mem.argument_size_in_bytes
         + mem.output_size_in_bytes
         + mem.temp_size_in_bytes
         - mem.alias_size_in_bytes,
         "temp": mem.temp_size_in_bytes,
+        "loss": float(metrics["loss"]),
     }
 
 
@@ -137,28 +141,13 @@ def bench_gpu(config: gj.GemmaConfig, length: int, lora_rank: int, steps: int) -
         return gj.params_of(model)
 
     model = gj.from_params(config, init(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    model.remat = True
-    graphdef, trainable, frozen = trainer.split_model(model, cfg)
-    tx = trainer.make_optimizer(cfg, total_steps=1000)
-    step = trainer.make_train_step(graphdef, tx, cfg)
-    state = trainer.init_state(tx, trainable, cfg)
-    batch = synthetic_batch(cfg, config.vocab_size, length)
-    t0 = time.perf_counter()
-    state, metrics = step(state, frozen, None, batch)
-    jax.block_until_ready(metrics)
-    print(f"LoRA r={lora_rank}: compile + first step {time.perf_counter() - t0:.1f} s")
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, frozen, None, batch)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - t0) / steps
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use", 0) / GiB
+    r = time_steps(model, cfg, length, steps)
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / GiB
     print(
         f"{config.num_layers}-layer D={config.hidden_size} LoRA r={lora_rank} on {jax.devices()[0].device_kind}: "
-        f"{1 / seconds:.2f} steps/s "
-        f"({2 * length / seconds:.0f} tokens/s, 1 pair x {length} tokens), peak {peak:.1f} GiB, "
-        f"loss {float(metrics['loss']):.1f}"
+        f"{1 / r['step_s']:.2f} steps/s ({r['tokens_per_s']:.0f} tokens/s, 1 pair x {length} tokens), "
+        f"compile + first step {r['compile_and_first_s']:.1f} s, peak {peak:.1f} GiB, "
+        f"compiled step {r['memory'] / GiB:.1f} GiB, loss {r['loss']:.1f}"
     )
 
 
@@ -180,7 +169,8 @@ def main() -> None:
           f"V={config.vocab_size}; 4 pairs/step (2 micro-batches) x {args.length} tokens, remat on")  # fmt: skip
     results = {}
     for name, cfg in (("full", base), ("lora", dataclasses.replace(base, lora_rank=args.lora_rank))):
-        r = results[name] = bench_cpu(config, cfg, args.length, args.steps)
+        model = gj.Transformer(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        r = results[name] = time_steps(model, cfg, args.length, args.steps)
         print(
             f"  {name:4s}: {r['trainable']:>10,d} trainable  {r['tokens_per_s']:>8.0f} tokens/s  "
             f"step {r['step_s'] * 1e3:.0f} ms  "

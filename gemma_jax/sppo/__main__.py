@@ -26,6 +26,7 @@ from gemma_jax.sppo.preference import PairRMScorer, RewardScorer, Scorer, reward
 from gemma_jax.sppo.selfplay import sample_responses, score_samples
 from gemma_jax.sppo.trainer import TrainConfig, train
 from gemma_jax.tokenizer import Tokenizer
+from gemma_jax.transformer import params_of
 
 log = logging.getLogger("gemma_jax.sppo")
 
@@ -86,8 +87,6 @@ def train_step(args: argparse.Namespace, model_dir: str, data: pathlib.Path, run
     path, model, tokenizer = _load(model_dir, args.dtype, mesh)
     cfg = train_config(args)
     result = train(model, tokenizer, read_rows(data), run_dir, cfg, source=str(data), mesh=mesh)
-    from gemma_jax.transformer import params_of
-
     out = checkpoint.save(
         run_dir / "checkpoint",
         model.config,
