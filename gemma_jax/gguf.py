@@ -197,7 +197,7 @@ def dequantize(tensor: Any) -> np.ndarray:
 def iter_state_dict(tensors: Mapping[str, Any], dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array in `dtype`) pairs, dequantized one tensor at a time."""
     for hf_name, t in tensors.items():
-        yield hf_name, dequantize(t).astype(dtype)
+        yield hf_name, dequantize(t).astype(dtype, copy=False)
 
 
 def load_state_dict(path: str | os.PathLike) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
@@ -286,7 +286,7 @@ def convert_gguf(
     `source` is recorded in the checkpoint's metadata (default: "gguf:" and the file's path).
 
     Every check (destination, architecture, tensors, quant types) runs before dequantizing. The
-    dequantized model is held in memory once, in `dtype` (2 bytes per parameter for bfloat16).
+    dequantized model is assembled in memory in `dtype`: peak memory is about twice the output's size.
     """
     from tqdm.auto import tqdm
 
