@@ -60,7 +60,7 @@ def make_steps(graphdef: nnx.GraphDef):
 
     @jax.jit
     def prefill(state, tokens, cache):
-        logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache)
+        logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache, last_only=True)  # [B, 1, V]
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
     @functools.partial(jax.jit, static_argnames="steps")
