@@ -229,10 +229,16 @@ def save(
     """Params in our nested layout (e.g. a fine-tuned model's `params_of`) -> a checkpoint at `dst`, atomic.
 
     Tokenizer files are copied from `tokenizer_dir` (e.g. the checkpoint the model was loaded from).
+    dtype "fp8" quantizes float params as `convert_hf` does and stores FP8 params as they are.
     """
     param_dtype = _storage_dtype(dtype)
     dst = _destination(dst, overwrite)
-    tree = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), tree)
+    quantized = fp8.is_quantized(tree)
+    if quantized and dtype != "fp8":
+        raise CheckpointError(f"these are FP8 params: save them with dtype='fp8', not {dtype!r}")
+    if not quantized:
+        tree = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), tree)
+        tree = _fp8(config, tree) if dtype == "fp8" else tree
     with _staging(dst) as tmp:
         with _orbax_context():
             ocp.save(tmp / PARAMS_DIR, tree)

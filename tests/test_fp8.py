@@ -321,6 +321,20 @@ def test_fp8_checkpoint_round_trips_and_halves_projection_bytes(hf_checkpoint, c
         ck.export_hf(converted["fp8"], src.parent / "exported")
 
 
+def test_save_fp8(converted, tmp_path):
+    """`save(dtype="fp8")` quantizes float params like the converter and keeps FP8 params as they are."""
+    config, bf16 = ck.load(converted["bfloat16"])
+    _, stored = ck.load(converted["fp8"])
+    for name, tree in (("from_float", bf16), ("from_fp8", stored)):
+        _, again = ck.load(ck.save(tmp_path / name, config, tree, dtype="fp8"))
+        for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(stored), strict=True):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(CheckpointError, match="these are FP8 params: save them with dtype='fp8'"):
+        ck.save(tmp_path / "bad", config, stored, dtype="bfloat16")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_convert_fp8_refuses_nonfinite_weight_and_writes_nothing(hf_checkpoint, tmp_path):
     src, _ = hf_checkpoint
     broken = tmp_path / "broken"
