@@ -99,12 +99,9 @@ def parse_mesh(spec: str) -> dict[str, int]:
             raise ShardingError(f"unknown mesh axis {name!r} in {spec!r}; the axes are {', '.join(MESH_AXES)}")
         if name in sizes:
             raise ShardingError(f"mesh axis {name!r} appears twice in {spec!r}")
-        try:
-            sizes[name] = int(value)
-        except ValueError:
-            sizes[name] = 0
-        if sizes[name] < 1 and sizes[name] != -1:
+        if not value.lstrip("-").isdigit():
             raise ShardingError(f"mesh axis {name!r} has size {value!r}; use a positive integer, or -1 for the rest")
+        sizes[name] = int(value)
     return sizes
 
 
@@ -114,6 +111,9 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     if unknown:
         raise ShardingError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(MESH_AXES)}")
     shape = {a: sizes.get(a, 1) for a in MESH_AXES}
+    for a, s in shape.items():
+        if not isinstance(s, int) or (s < 1 and s != -1):
+            raise ShardingError(f"mesh axis {a!r} has size {s!r}; use a positive integer, or -1 for the rest")
     free = [a for a, s in shape.items() if s == -1]
     if len(free) > 1:
         raise ShardingError(f"only one mesh axis may be -1, got {', '.join(free)}")
@@ -350,7 +350,7 @@ def jit_forward(model: nnx.Module, mesh: Mesh, *, donate_cache: bool = True) -> 
             mask = np.ones((b, t), bool)
         if positions is None:
             positions = np.cumsum(np.asarray(mask), axis=1) - 1
-        data_sh = batch_sharding(mesh, (b, t))
+        data_sh = logical_sharding(TOKENS, mesh, (b, t))
         logits_sh = logical_sharding(LOGITS, mesh, (b, t, model.config.vocab_size))
         cache_treedef, cache_leaves = None, ()
         if cache is not None:
