@@ -210,11 +210,6 @@ def logical_sharding(axes: Sequence[str | None], mesh: Mesh | AbstractMesh, shap
     return NamedSharding(mesh, logical_spec(axes, mesh, shape))
 
 
-def batch_sharding(mesh: Mesh | AbstractMesh, shape: Sequence[int]) -> NamedSharding:
-    """Leading dimension over the batch axes, the rest replicated: tokens, masks, rewards, per-row state."""
-    return logical_sharding(("batch",) + (None,) * (len(shape) - 1), mesh, shape)
-
-
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Pin an activation to the sharding its logical axes give, under the active mesh; without one, x as is."""
     mesh = jax.sharding.get_abstract_mesh()
