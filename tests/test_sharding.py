@@ -87,6 +87,8 @@ def reference():
     tokens, mask = left_padded(np.random.default_rng(1), [12, 9, 12, 5, 12, 11, 7, 12], CONFIG.vocab_size)
     _, logits, generated, _ = run(model, one_device_mesh(), tokens, mask)
     assert np.abs(logits[mask]).max() > 5.0, "logits too small for the comparison to mean anything"
+    plain, _ = model(jnp.asarray(tokens), mask=jnp.asarray(mask))  # no mesh, no cache, no jit_forward
+    np.testing.assert_allclose(logits[mask], np.asarray(plain)[mask], atol=TOL, rtol=0)
     return model, tokens, mask, logits, generated
 
 
