@@ -13,16 +13,15 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gemma_jax.checkpoint import DTYPES
 from gemma_jax.checkpoint_errors import CheckpointError
-from gemma_jax.gguf import convert_gguf
+from gemma_jax.gguf import DTYPES, convert_gguf
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="GGUF file (architecture gemma2 or gemma3)")
     parser.add_argument("dst", help="output directory (written atomically)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype (default: bfloat16)")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="storage dtype (default: bfloat16)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
     try:

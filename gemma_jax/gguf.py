@@ -40,6 +40,9 @@ _LAYERS_27B = {"gemma2": 46, "gemma3": 62}
 _GEMMA3_PERIOD = 6  # llama.cpp: 5 sliding layers, then 1 global
 _GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 _SPACE = "\u2581"  # sentencepiece's escaped space
+# Storage dtypes `convert_gguf` writes. FP8: convert to bfloat16, then `load_model(..., quant="weight_only")`
+# (or `--dtype fp8` in the CLIs) quantizes at load; `checkpoint.save` writes no FP8 layout yet.
+DTYPES = ("bfloat16", "float32")
 
 
 class GGUFError(SourceError):
@@ -290,8 +293,11 @@ def convert_gguf(
     """
     from tqdm.auto import tqdm
 
-    if dtype not in checkpoint.DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not supported; choose one of {list(checkpoint.DTYPES)}")
+    if dtype not in DTYPES:
+        raise CheckpointError(
+            f"dtype {dtype!r} is not supported for GGUF conversion; choose one of {list(DTYPES)} "
+            "(for FP8, convert to bfloat16 and load with quant='weight_only' / --dtype fp8)"
+        )
     dst = pathlib.Path(dst).expanduser().absolute()
     if dst.exists() and not overwrite:
         raise DestinationExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")

@@ -19,7 +19,7 @@ from conftest import hf_logits, hf_model, hf_state_dict, left_padded
 import gemma_jax as gj
 from gemma_jax import checkpoint, default_model
 from gemma_jax import gguf as gj_gguf
-from gemma_jax.checkpoint_errors import DestinationExistsError
+from gemma_jax.checkpoint_errors import CheckpointError, DestinationExistsError
 
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "convert"))
@@ -238,9 +238,11 @@ def test_bad_input_is_named_and_leaves_no_destination(kind, tmp_path, tiny_token
     assert message.split()[-1] in capsys.readouterr().err
 
 
-def test_missing_file_and_existing_destination(case, tmp_path):
+def test_missing_file_existing_destination_and_unsupported_dtype(case, tmp_path):
     with pytest.raises(gj_gguf.GGUFError, match="no GGUF file"):
         gj_gguf.convert_gguf(tmp_path / "absent.gguf", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="quant='weight_only'"):
+        gj_gguf.convert_gguf(case.f32, tmp_path / "out", dtype="fp8")
     (tmp_path / "out").mkdir()
     with pytest.raises(DestinationExistsError, match="overwrite"):
         gj_gguf.convert_gguf(case.f32, tmp_path / "out")
