@@ -134,14 +134,14 @@ def test_mesh_matches_one_device(reference, spec):
 
 
 def test_sampler_greedy_tokens_match_one_device(reference, tiny_tokenizer):
-    """`Sampler.generate` (bucketed prefill + while_loop decode) on a model sharded fsdp=2 x tensor=4, with its
-    activation constraints active (`jax.set_mesh`), picks the one-device greedy tokens."""
+    """`Sampler.generate` (bucketed prefill + while_loop decode) on a model sharded fsdp=2 x tensor=4, its cache
+    sharded and its activation constraints active, picks the one-device greedy tokens."""
     model, tokens, mask, _, want = reference
     prompts = [row[keep].tolist() for row, keep in zip(tokens, mask, strict=True)]
     mesh = shd.make_mesh("fsdp=2,tensor=4")
-    sampler = Sampler(shd.shard_model(model, mesh), tiny_tokenizer, cache_length=CACHE_LENGTH, decode_steps=4)
-    with jax.set_mesh(mesh):
-        got = [c.token_ids for c in sampler.generate(prompts, max_new_tokens=DECODE_STEPS)]
+    sharded = shd.shard_model(model, mesh)
+    sampler = Sampler(sharded, tiny_tokenizer, cache_length=CACHE_LENGTH, decode_steps=4, mesh=mesh)
+    got = [c.token_ids for c in sampler.generate(prompts, max_new_tokens=DECODE_STEPS)]
     # the sampler stops a row at a stop token; the reference loop does not
     assert got == [w[: len(g)].tolist() for g, w in zip(got, want, strict=True)]
     assert sum(map(len, got)) > len(got)
