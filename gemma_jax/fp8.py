@@ -15,7 +15,6 @@ mode is a static attribute of each `Linear`, chosen when the model is built:
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterator
 
@@ -124,10 +123,10 @@ def from_params(
     return transformer.with_params(model, params)
 
 
-@functools.cache
-def _projection_paths(config: GemmaConfig) -> tuple[tuple[tuple, str], ...]:
-    """(path of each projection in our nested params layout, its einsum spec)."""
-    return tuple((path, linear.spec) for path, linear in _linears(transformer.abstract_model(config)))
+def _projection_paths(config: GemmaConfig) -> Iterator[tuple[tuple, str]]:
+    """(path of each projection in our nested params layout, its einsum spec); shapes only, ~0.1 s for a 9B."""
+    for path, linear in _linears(transformer.abstract_model(config)):
+        yield path, linear.spec
 
 
 def _map_projections(config: GemmaConfig, params: dict, fn) -> dict:
