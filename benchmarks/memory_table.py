@@ -55,24 +55,20 @@ class Row:
         return self.weights + self.optimizer + self.cache
 
 
-def shard_elements(tree, shardings) -> list[int]:
-    """Elements one device holds of each leaf (every device holds the same amount: shardings divide evenly)."""
-    return [math.prod(s.shard_shape(x.shape)) for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))]
+def bytes_per_device(tree, shardings) -> int:
+    """Bytes one device holds of `tree` (the shardings divide evenly: every device holds the same)."""
+    pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in pairs)
 
 
 def row(model: str, hardware: str, spec: str) -> Row:
     config = MODELS[model]()
     mesh = shd.abstract_mesh(spec, HARDWARE[hardware][0])
     abstract = gj.abstract_model(config, dtype=WEIGHT_DTYPE, param_dtype=WEIGHT_DTYPE)
-    params = gj.params_of(abstract)
-    elements = sum(shard_elements(params, shd.param_shardings(abstract, mesh)))
+    weights = bytes_per_device(gj.params_of(abstract), shd.param_shardings(abstract, mesh))
     cache = jax.eval_shape(lambda: gj.KVCache.create(config, BATCH, CACHE_LENGTH, WEIGHT_DTYPE))
-    cache_bytes = sum(
-        n * x.dtype.itemsize
-        for n, x in zip(shard_elements(cache, shd.cache_shardings(cache, mesh)), jax.tree.leaves(cache))
-    )
-    itemsize = jnp.dtype(WEIGHT_DTYPE).itemsize
-    return Row(model, hardware, spec, elements * itemsize, elements * OPTIMIZER_BYTES, cache_bytes)
+    optimizer = weights // jnp.dtype(WEIGHT_DTYPE).itemsize * OPTIMIZER_BYTES
+    return Row(model, hardware, spec, weights, optimizer, bytes_per_device(cache, shd.cache_shardings(cache, mesh)))
 
 
 def rows() -> list[Row]:
@@ -82,7 +78,8 @@ def rows() -> list[Row]:
 def table() -> str:
     """The markdown table: GiB per device, and the share of one chip's HBM the total takes."""
     head = (
-        "| model | hardware (HBM/chip) | mesh | weights bf16 | RMSProp fp32 | KV cache 8 x 16k bf16 | total | of HBM |\n"
+        "| model | hardware (HBM/chip) | mesh | weights bf16 | RMSProp fp32 "
+        "| KV cache 8 x 16k bf16 | total | of HBM |\n"
         "|---|---|---|---:|---:|---:|---:|---:|"
     )
     lines = [head]
