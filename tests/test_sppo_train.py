@@ -43,8 +43,12 @@ def tiny_model(vocab: int) -> gj.Transformer:
     return gj.Transformer(gj.gemma2_tiny(vocab_size=vocab, num_layers=2), rngs=nnx.Rngs(0))
 
 
-def test_one_update_lowers_the_loss_on_its_batch(rows, tiny_tokenizer):
-    cfg = sppo_train.TrainConfig(batch_size=4, grad_accum=2, learning_rate=1e-4, beta=0.1, warmup_ratio=0.0)
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_one_update_lowers_the_loss_on_its_batch(rows, tiny_tokenizer, param_dtype):
+    """Also with bfloat16 weights and the float32 optimizer state beside them."""
+    cfg = sppo_train.TrainConfig(
+        batch_size=4, grad_accum=2, learning_rate=1e-4, beta=0.1, warmup_ratio=0.0, param_dtype=param_dtype
+    )
     model = tiny_model(tiny_tokenizer.vocab_size)
     model.remat = True
     graphdef, params, frozen = sppo_train.split_model(model, cfg)
@@ -59,7 +63,9 @@ def test_one_update_lowers_the_loss_on_its_batch(rows, tiny_tokenizer):
         return np.mean([float(loss_fn(p, jax.tree.map(lambda x, i=i: x[i], batch))) for i in range(2)])
 
     tx = sppo_train.make_optimizer(cfg, total_steps=10)
-    state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
+    state = sppo_train.init_state(tx, params, cfg)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(param_dtype)}
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim} == {np.dtype("float32")}
     before = batch_loss(params)
     state, metrics = sppo_train.make_train_step(graphdef, tx, cfg)(jax.tree.map(np.asarray, state), frozen, None, batch)
     assert float(metrics["loss"]) == pytest.approx(before, rel=1e-5)

@@ -162,7 +162,7 @@ def tokenize_pair(
         if reference_compat:
             prompt_ids = prompt_ids[-max_prompt_length:]
         else:
-            prompt_ids = prompt_ids[:1] + prompt_ids[1:][-(max_prompt_length - 1) :]
+            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - max_prompt_length + 1 :]  # BOS + the end
         if len(prompt_ids) + longer > max_length:
             cut = max_length - max_prompt_length
             chosen_ids, rejected_ids = chosen_ids[:cut], rejected_ids[:cut]
