@@ -82,11 +82,11 @@ def test_batch_of_three_matches_hf(models, tiny_tokenizer):
 def test_ring_wraps_past_three_windows(models, tiny_tokenizer):
     """Window 16: 60 new tokens after a 20-token prompt wrap the sliding layers' ring 4 times."""
     hf, model = models
-    batch = prompts([20, 7], seed=1)
+    batch = prompts([20, 7, 12], seed=1)
     sampler = make(model, tiny_tokenizer)
     out = sampler.generate(batch, max_new_tokens=60)
     assert ours_with_stop(out, tiny_tokenizer.stop_ids) == hf_generate(hf, batch, 60, tiny_tokenizer.stop_ids)
-    assert [len(c.token_ids) for c in out] == [60, 60]
+    assert [len(c.token_ids) for c in out] == [60, 60, 60]
 
 
 def test_stop_mid_batch_matches_hf(models, tiny_tokenizer):
@@ -131,7 +131,7 @@ def test_stream_equals_generate(models, tiny_tokenizer):
 def test_seeds_and_top_k_one(models, tiny_tokenizer):
     _, model = models
     sampler = make(model, tiny_tokenizer)
-    batch = prompts([4, 8], seed=4)
+    batch = prompts([4, 8, 6], seed=4)
 
     def run(**kw):
         return [c.token_ids for c in sampler.generate(batch, max_new_tokens=10, **kw)]
@@ -154,11 +154,11 @@ def test_insert_into_running_batch(models, tiny_tokenizer):
         logits, row_cache = sampler.prefill(sampler.new_cache(1), [p])
         return row_cache, sampler.start(logits, [p], 12, greedy, seed=0)
 
-    cache, dstate = sampler.new_cache(2), DecodeState.empty(2)
+    cache, dstate = sampler.new_cache(3), DecodeState.empty(3)  # row 2 stays free throughout
     cache, dstate = sampler_lib.insert(cache, dstate, *request(a), 0)
-    rows = [[int(dstate.tokens[0])], []]
+    rows = [[int(dstate.tokens[0])], [], []]
     cache, dstate, out = sampler.decode(cache, dstate, 8)
-    assert (out[1] == sampler_lib.NO_TOKEN).all()  # the free row did not run
+    assert (out[1:] == sampler_lib.NO_TOKEN).all()  # free rows do not run
     rows[0] += out[0].tolist()
     cache, dstate = sampler_lib.insert(cache, dstate, *request(b), 1)
     rows[1].append(int(dstate.tokens[1]))
@@ -166,7 +166,7 @@ def test_insert_into_running_batch(models, tiny_tokenizer):
         cache, dstate, out = sampler.decode(cache, dstate, 8)
         for row, new in zip(rows, out.tolist(), strict=True):
             row += [t for t in new if t != sampler_lib.NO_TOKEN]
-    assert rows == alone
+    assert rows == [*alone, []]
 
 
 @pytest.mark.parametrize(
@@ -211,11 +211,11 @@ def test_sharded_sampler_matches_single_device(models, tiny_tokenizer):
     from gemma_jax import sharding
 
     _, model = models
-    batch = prompts([7, 3], seed=6)
+    batch = prompts([7, 3, 5], seed=6)
     expected = make(model, tiny_tokenizer).generate(batch, max_new_tokens=6)
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
     sharded = make(sharding.shard_model(gj.from_params(CONFIG, gj.params_of(model)), mesh), tiny_tokenizer, mesh=mesh)
-    assert len(sharded.new_cache(2).groups[0].k.sharding.device_set) == 8
+    assert len(sharded.new_cache(3).groups[0].k.sharding.device_set) == 8
     assert sharded.generate(batch, max_new_tokens=6) == expected
 
 
