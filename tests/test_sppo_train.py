@@ -98,6 +98,8 @@ def test_killed_run_resumes_with_the_same_losses(rows, tiny_tokenizer, tmp_path,
     for a, b in zip(uninterrupted.history[at:], resumed.history, strict=True):
         for key in ("loss", "rewards/margins", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    with pytest.raises(ValueError, match="holds a run over other data"):
+        sppo_train.train(tiny_model(tiny_tokenizer.vocab_size), tiny_tokenizer, rows[::-1], tmp_path, cfg)
     # the returned model is plain (adapters merged) and equals the uninterrupted run's
     kernel = ("groups", "layers", 0, "attn", "q", "kernel")
     np.testing.assert_allclose(

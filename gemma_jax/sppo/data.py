@@ -15,6 +15,7 @@ The clean mode keeps its BOS when it cuts the prompt; the reference drops it wit
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -185,6 +186,15 @@ class PairDataset:
     @property
     def num_truncated(self) -> int:
         return sum(p.truncated for p in self.pairs)
+
+    def fingerprint(self) -> str:
+        """A hash of every token id and probability: ties a run directory to the data it was made from."""
+        h = hashlib.sha256()
+        for p in self.pairs:
+            for ids in (p.prompt, p.chosen, p.rejected):
+                h.update(np.asarray(ids, np.int64).tobytes() + b"|")
+        h.update(self.probs.tobytes())
+        return h.hexdigest()[:16]
 
 
 def build_dataset(

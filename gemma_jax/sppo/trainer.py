@@ -40,7 +40,7 @@ from gemma_jax.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-REFERENCE_LOGPS = "reference_logps.npy"
+REFERENCE_LOGPS = "reference_logps.npz"
 METRICS = "metrics.jsonl"
 STATE_DIR = "state"
 
@@ -212,6 +212,16 @@ def stacked_batch(dataset: PairDataset, indices: np.ndarray, cfg: TrainConfig) -
     return {k: np.stack([m[k] for m in padded]) for k in padded[0]}
 
 
+def _step_batch(dataset: PairDataset, ref_table: np.ndarray | None, cfg: TrainConfig, step: int) -> dict:
+    """Step `step`'s micro-batches, with the stored reference log-probs of their rows when precomputed."""
+    indices = batch_indices(len(dataset), cfg, step)
+    batch = stacked_batch(dataset, indices, cfg)
+    if ref_table is not None:
+        parts = np.split(indices, cfg.grad_accum)
+        batch["ref_logps"] = np.stack([np.concatenate([ref_table[i, 0], ref_table[i, 1]]) for i in parts])  # [A, 2b]
+    return batch
+
+
 def _pad_to(x: np.ndarray, t: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, t - x.shape[1])))
 
@@ -232,16 +242,18 @@ def reference_logps(graphdef, params, frozen, dataset: PairDataset, cfg: TrainCo
     return out
 
 
-def _cached_reference_logps(run_dir: pathlib.Path, compute: Callable[[], np.ndarray], n: int) -> np.ndarray:
+def _cached_reference_logps(run_dir: pathlib.Path, compute: Callable[[], np.ndarray], fingerprint: str) -> np.ndarray:
+    """The stored table when it was computed for this data, else computed now and stored (atomically)."""
     path = run_dir / REFERENCE_LOGPS
     if path.is_file():
-        cached = np.load(path)
-        if cached.shape == (n, 2):
-            return cached
-        log.warning("%s has shape %s, expected (%d, 2): recomputing", path, cached.shape, n)
+        with np.load(path) as stored:
+            if str(stored["fingerprint"]) == fingerprint:
+                return stored["logps"]
+        log.warning("%s was computed for other data: recomputing", path)
     values = compute()
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, values)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, logps=values, fingerprint=np.asarray(fingerprint))
     os.replace(tmp, path)
     return values
 
@@ -310,8 +322,13 @@ def train(
     total = per_epoch * cfg.epochs
     end = total if cfg.max_steps is None else min(total, cfg.max_steps)
 
+    origin = {"num_pairs": len(dataset), "data": dataset.fingerprint(), "seed": cfg.seed}
     run_dir = pathlib.Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
+    manager = ocp.CheckpointManager(
+        run_dir / STATE_DIR, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True)
+    )
+    start = _check_resume(manager, origin)  # before any compile: a run dir over other data is an error
     model.remat = cfg.remat
     graphdef, trainable, frozen = split_model(model, cfg)
     if mesh is not None:
@@ -319,25 +336,18 @@ def train(
     # A copy: the train step donates (overwrites) the buffers of the state it is given.
     ref_params = jax.tree.map(jnp.copy, trainable) if cfg.reference_on_the_fly else None
     ref_table = None
-    if not cfg.reference_on_the_fly:
+    if not cfg.reference_on_the_fly:  # pi_t's log-probs, before any update
         with _mesh_context(mesh):
             ref_table = _cached_reference_logps(
-                run_dir, lambda: reference_logps(graphdef, trainable, frozen, dataset, cfg, mesh), len(dataset)
+                run_dir, lambda: reference_logps(graphdef, trainable, frozen, dataset, cfg, mesh), origin["data"]
             )
-
-    tx = make_optimizer(cfg, total)
-    state = init_state(tx, trainable, cfg)
-    manager = ocp.CheckpointManager(
-        run_dir / STATE_DIR, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True)
-    )
-    start = 0
-    if manager.latest_step() is not None:
-        state, start = _restore(manager, state, len(dataset), cfg)
+    state = init_state(make_optimizer(cfg, total), trainable, cfg)
+    if start:
+        state = _restore(manager, state)
         log.info("resumed from step %d of %d", start, total)
 
     step_fn = _cached_train_step(graphdef, cfg, total)
     history: list[dict] = []
-    step = start
     try:
         with (
             _mesh_context(mesh),
@@ -345,12 +355,7 @@ def train(
             tqdm(total=end, initial=start, desc="SPPO train", unit="step") as bar,
         ):
             for step in range(start, end):
-                indices = batch_indices(len(dataset), cfg, step)
-                batch = stacked_batch(dataset, indices, cfg)
-                if ref_table is not None:
-                    batch["ref_logps"] = np.stack(
-                        [np.concatenate([ref_table[i, 0], ref_table[i, 1]]) for i in np.split(indices, cfg.grad_accum)]
-                    )
+                batch = _step_batch(dataset, ref_table, cfg, step)
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, frozen, ref_params, _place(batch, mesh, 1))
                 metrics = {k: float(v) for k, v in metrics.items()}
@@ -367,14 +372,13 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", margin=f"{metrics['rewards/margins']:.3g}")
                 if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-                    _save(manager, state, step + 1, len(dataset), cfg)
+                    _save(manager, state, step + 1, origin, cfg)
                 if on_step is not None:
                     on_step(step + 1, metrics)
-            step = end
     except KeyboardInterrupt:
         done = int(state["step"])
         if done > (manager.latest_step() or 0):
-            _save(manager, state, done, len(dataset), cfg)
+            _save(manager, state, done, origin, cfg)
         log.warning("interrupted at step %d; rerun the same command to resume", done)
         raise
     finally:
@@ -417,30 +421,33 @@ def _filter(cfg: TrainConfig):
     return lora_lib.LoRAParam if cfg.lora_rank else nnx.Param
 
 
-def _progress(step: int, n: int, cfg: TrainConfig) -> dict:
-    epoch, k = divmod(step, n // cfg.batch_size)
-    return {"step": step, "epoch": epoch, "position": k * cfg.batch_size, "num_pairs": n, "seed": cfg.seed}
+def _progress(step: int, origin: dict, cfg: TrainConfig) -> dict:
+    """The data position after `step` steps, and what identifies the run (data hash, size, order seed)."""
+    epoch, k = divmod(step, origin["num_pairs"] // cfg.batch_size)
+    return {"step": step, "epoch": epoch, "position": k * cfg.batch_size, **origin}
 
 
-def _save(manager: ocp.CheckpointManager, state: dict, step: int, n: int, cfg: TrainConfig) -> None:
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(_progress(step, n, cfg))
-        ),
-    )
+def _save(manager: ocp.CheckpointManager, state: dict, step: int, origin: dict, cfg: TrainConfig) -> None:
+    progress = ocp.args.JsonSave(_progress(step, origin, cfg))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), progress=progress))
 
 
-def _restore(manager: ocp.CheckpointManager, state: dict, n: int, cfg: TrainConfig) -> tuple[dict, int]:
+def _check_resume(manager: ocp.CheckpointManager, origin: dict) -> int:
+    """The step to resume from (0 for a new run); an error if the saved run used other data or order."""
     step = manager.latest_step()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore())
-    )
-    progress = restored.progress
-    if progress["num_pairs"] != n or progress["seed"] != cfg.seed:
+    if step is None:
+        return 0
+    progress = manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress
+    saved = {k: progress.get(k) for k in origin}
+    if saved != origin:
         raise ValueError(
-            f"{manager.directory} holds a run over {progress['num_pairs']} pairs with seed {progress['seed']}; "
-            f"this data has {n} pairs and seed {cfg.seed}: use a new run directory"
+            f"{manager.directory} holds a run over other data or data order ({saved}, now {origin}): "
+            "use a new run directory, or the data and --data-seed of that run"
         )
-    return restored.state, step
+    return step
+
+
+def _restore(manager: ocp.CheckpointManager, state: dict) -> dict:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    return manager.restore(manager.latest_step(), args=args).state
