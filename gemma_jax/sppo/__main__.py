@@ -146,7 +146,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=2048)
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--seed", type=int, default=0, help="sample k uses seed + 50 k")
+    g.add_argument("--seed", type=int, default=0, help="pass k (sample k of each prompt) uses seed + 50 k")
     g.add_argument("--gen-batch-size", type=int, default=64, help="prompts per sampler call")
     g.add_argument("--cache-length", type=int, default=4096, help="KV cache per row: prompt + max_new_tokens")
 
