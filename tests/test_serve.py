@@ -324,6 +324,19 @@ def patched(monkeypatch, sampler, name, wrapper):
         yield
 
 
+def slowed(seconds: float):
+    """A wrapper for `patched` that makes each call `seconds` slower."""
+
+    def wrap(fn):
+        def run(*args):
+            time.sleep(seconds)
+            return fn(*args)
+
+        return run
+
+    return wrap
+
+
 def test_full_queue_answers_429(server, monkeypatch):
     """The worker is held in a prefill: 1 request in it + 15 waiting fill the 16 places; the 17th gets 429."""
     gate = threading.Event()
@@ -355,22 +368,25 @@ def test_disconnect_mid_stream_frees_the_slot(server, monkeypatch):
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=200, temperature=0)
     assert full.choices[0].finish_reason == "length"  # so only a cancel can end it early
 
-    def slow(decode):
-        def run(*args):
-            time.sleep(0.03)
-            return decode(*args)
-
-        return run
-
     cancelled = server.metric("gemma_jax_requests_total", '{finish_reason="cancelled"}')
-    with patched(monkeypatch, server.engine.sampler, "decode", slow):
+    with patched(monkeypatch, server.engine.sampler, "decode", slowed(0.03)):
         stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=200, temperature=0, stream=True)
         for _ in zip(range(3), stream, strict=False):
             pass
         assert server.metric("gemma_jax_active_slots") == 1
         stream.close()
         server.wait_for(lambda: server.metric("gemma_jax_active_slots") == 0, timeout=5)
-    assert server.metric("gemma_jax_requests_total", '{finish_reason="cancelled"}') == cancelled + 1
+        assert server.metric("gemma_jax_requests_total", '{finish_reason="cancelled"}') == cancelled + 1
+        # A non-streaming client that hangs up is cancelled too.
+        body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 200}).encode()
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+        )
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(head.encode() + b"\r\n\r\n" + body)
+            server.wait_for(lambda: server.metric("gemma_jax_active_slots") == 1, timeout=5)
+        server.wait_for(lambda: server.metric("gemma_jax_active_slots") == 0, timeout=5)
+    assert server.metric("gemma_jax_requests_total", '{finish_reason="cancelled"}') == cancelled + 2
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0)
     assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
 
@@ -401,15 +417,8 @@ def test_shutdown_drains_in_flight_streams(ckpt, reference, monkeypatch):
     """A second server on the same compiled programs: stopping it lets a running stream finish."""
     other = Server(make_engine(ckpt, max_queue=0))
 
-    def slow(decode):
-        def run(*args):
-            time.sleep(0.05)
-            return decode(*args)
-
-        return run
-
     prompt = PROMPTS[0]
-    with patched(monkeypatch, other.engine.sampler, "decode", slow):
+    with patched(monkeypatch, other.engine.sampler, "decode", slowed(0.05)):
         stream = other.client().completions.create(
             model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stream=True
         )
