@@ -333,6 +333,8 @@ def train(
     graphdef, trainable, frozen = split_model(model, cfg)
     if mesh is not None:
         trainable = _shard(trainable, mesh)
+    saved_dtypes = jax.tree.map(lambda x: x.dtype, nnx.state(model, _filter(cfg)))
+    nnx.update(model, trainable)  # the model holds the (cast) trainable weights: no second copy of them
     # A copy: the train step donates (overwrites) the buffers of the state it is given.
     ref_params = jax.tree.map(jnp.copy, trainable) if cfg.reference_on_the_fly else None
     ref_table = None
@@ -384,9 +386,7 @@ def train(
     finally:
         manager.wait_until_finished()
         manager.close()
-    nnx.update(
-        model, jax.tree.map(lambda new, old: new.astype(old.dtype), state["params"], nnx.state(model, _filter(cfg)))
-    )
+    nnx.update(model, jax.tree.map(lambda new, dtype: new.astype(dtype), state["params"], saved_dtypes))
     if cfg.lora_rank:
         lora_lib.merge_lora(model)
     return TrainResult(model, history)
