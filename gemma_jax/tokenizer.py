@@ -19,6 +19,8 @@ TOKENIZER_FILE = "tokenizer.model"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 _ROLES = {"user": "user", "assistant": "model", "model": "model"}
+# Gemma's pieces after pad/eos/bos/unk: <mask> 4, <unused0..100> 5..105, <start_of_turn> 106, <end_of_turn> 107.
+GEMMA_USER_SYMBOLS = ("<mask>", *(f"<unused{i}>" for i in range(101)), START_OF_TURN, END_OF_TURN)
 
 
 class Tokenizer:
@@ -144,6 +146,41 @@ class StreamDecoder:
         before = decode(self._ids[self._prefix : self._read])
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(before) :]
+
+
+def train(path: str | os.PathLike, sentences: Iterable[str], *, vocab_size: int) -> Tokenizer:
+    """Train a sentencepiece model laid out like Gemma's at `path`, for random-weight models and tests.
+
+    BPE with byte fallback (any text encodes), no dummy prefix, no whitespace normalization, and
+    the special tokens at Gemma's ids (pad 0, eos 1, bos 2, unk 3, <start_of_turn> 106, <end_of_turn> 107).
+    """
+    path = pathlib.Path(path)
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=f,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,  # a small corpus may support fewer pieces
+            byte_fallback=True,
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            character_coverage=1.0,
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            pad_piece="<pad>",
+            eos_piece="<eos>",
+            bos_piece="<bos>",
+            unk_piece="<unk>",
+            user_defined_symbols=list(GEMMA_USER_SYMBOLS),
+            minloglevel=2,
+        )
+    return Tokenizer(path)
 
 
 def _fold_system(messages: Sequence[Mapping[str, str]]) -> list[Mapping[str, str]]:

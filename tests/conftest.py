@@ -62,8 +62,6 @@ def left_padded(rng: np.random.Generator, lengths: list[int], vocab: int) -> tup
     return tokens, mask
 
 
-# Gemma's special pieces at Gemma's ids: <mask> 4, <unusedN> 5..105, <start_of_turn> 106, <end_of_turn> 107.
-_GEMMA_USER_SYMBOLS = ["<mask>", *(f"<unused{i}>" for i in range(101)), "<start_of_turn>", "<end_of_turn>"]
 _TOKENIZER_TEXT = """The quick brown fox jumps over the lazy dog. Hello world! How are you today?
 Gemma is a family of lightweight open models; JAX and Flax make TPUs easy to use.
 def main():\n    return 42\n\tindented with a tab
@@ -79,33 +77,7 @@ def tiny_tokenizer(tmp_path_factory):
     tokens at their Gemma ids (pad 0, eos 1, bos 2, unk 3, <start_of_turn> 106, <end_of_turn> 107);
     fits `gemma2_tiny()` (vocab 512). The model file is `tiny_tokenizer.model_file`.
     """
-    import sentencepiece as spm
-
-    from gemma_jax.tokenizer import Tokenizer
+    from gemma_jax.tokenizer import train
 
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
-    with open(path, "wb") as f:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_TOKENIZER_TEXT.splitlines() * 20),
-            model_writer=f,
-            model_type="bpe",
-            vocab_size=480,
-            byte_fallback=True,
-            add_dummy_prefix=False,
-            remove_extra_whitespaces=False,
-            normalization_rule_name="identity",
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            character_coverage=1.0,
-            pad_id=0,
-            eos_id=1,
-            bos_id=2,
-            unk_id=3,
-            pad_piece="<pad>",
-            eos_piece="<eos>",
-            bos_piece="<bos>",
-            unk_piece="<unk>",
-            user_defined_symbols=_GEMMA_USER_SYMBOLS,
-            minloglevel=2,
-        )
-    return Tokenizer(path)
+    return train(path, _TOKENIZER_TEXT.splitlines() * 20, vocab_size=480)
