@@ -462,3 +462,26 @@ def test_cli_serves_fp8_and_shuts_down_on_sigterm(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_engine_over_a_mesh_matches_one_device(ckpt, reference):
+    """data=4 x tensor=2 over the 8 CPU devices: sharded batch cache, rows inserted into it, same greedy text."""
+    from gemma_jax import sharding
+    from gemma_jax.serve import GenerationParams
+
+    mesh = sharding.make_mesh("data=4,tensor=2")
+    model = checkpoint.load_model(ckpt, dtype=jnp.float32, mesh=mesh)
+    engine = Engine(Sampler(model, Tokenizer.from_dir(ckpt), cache_length=CONTEXT, mesh=mesh), slots=4)
+    prompts = PROMPTS[:3] + PROMPTS[4:7]  # more than the 4 slots (rows are reused), one prefill bucket
+
+    async def serve() -> list[str]:
+        engine.start()
+        ids = [engine.sampler.tokenizer.encode(p) for p in prompts]
+        handle = engine.submit(ids, [GenerationParams(max_tokens=12, temperature=0)] * len(ids))
+        texts = [""] * len(ids)
+        async for i, out in handle:
+            texts[i] += out.text
+        await engine.close()
+        return texts
+
+    assert asyncio.run(serve()) == [reference(p, 12).text for p in prompts]

@@ -77,10 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         path = checkpoint.resolve(args.checkpoint, cache_dir=args.cache_dir, dtype=storage)
         quant = args.quant if args.dtype == "fp8" else None
         model = checkpoint.load_model(path, dtype=compute, mesh=mesh, quant=quant)
-        sampler = Sampler(
-            model, Tokenizer.from_dir(path), cache_length=args.cache_length, prefill_chunk=args.prefill_chunk
-        )
-        engine = Engine(sampler, slots=args.slots, decode_steps=args.decode_steps, max_queue=args.max_queue, mesh=mesh)
+        tokenizer = Tokenizer.from_dir(path)
+        sampler = Sampler(model, tokenizer, cache_length=args.cache_length, prefill_chunk=args.prefill_chunk, mesh=mesh)
+        engine = Engine(sampler, slots=args.slots, decode_steps=args.decode_steps, max_queue=args.max_queue)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     logging.getLogger(__name__).info(

@@ -22,9 +22,7 @@ import secrets
 import time
 from collections.abc import Sequence
 
-import jax
 import numpy as np
-from jax.sharding import Mesh
 from prometheus_client import CollectorRegistry
 
 from gemma_jax.kv_cache import KVCache
@@ -185,7 +183,6 @@ class Engine:
         slots: int = 16,
         decode_steps: int = 4,
         max_queue: int = 128,
-        mesh: Mesh | None = None,
         registry: CollectorRegistry | None = None,
     ):
         for name, value, low in (("slots", slots, 1), ("decode_steps", decode_steps, 1), ("max_queue", max_queue, 0)):
@@ -194,8 +191,7 @@ class Engine:
         self.sampler = sampler
         self.slots, self.decode_steps, self.max_queue = slots, decode_steps, max_queue
         self.metrics = Metrics(slots, registry)
-        self._mesh = mesh
-        self._cache = self._new_cache()
+        self._cache = sampler.new_cache(slots)  # over the sampler's mesh, if any, in its shardings
         self._dstate = DecodeState.empty(slots)
         self._stop_ids = frozenset(sampler.tokenizer.stop_ids)
         self._rows: list[_Job | None] = [None] * slots
@@ -210,9 +206,6 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile prefill (shortest bucket), start, insert and decode before the first request (blocking)."""
-        self._on_device(self._compile, ())
-
-    def _compile(self) -> None:
         prompt = [self.sampler.tokenizer.bos_id]
         logits, row_cache = self.sampler.prefill(self.sampler.new_cache(1), [prompt])
         row_state = self.sampler.start(logits, [prompt], 1, SamplingParams.create(1), 0)  # done at once
@@ -392,13 +385,7 @@ class Engine:
             job.handle._put(job, RequestFailed(f"generation failed: {type(error).__name__}: {error}"))
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self._on_device, fn, args)
-
-    def _on_device(self, fn, args: tuple):
-        if self._mesh is None:
-            return fn(*args)
-        with jax.set_mesh(self._mesh):  # activates the model's sharding constraints
-            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     # -- device work (worker thread; the only code that touches the batch's cache and state) ----------
 
@@ -419,16 +406,7 @@ class Engine:
         self._cache, self._dstate, tokens = self.sampler.decode(self._cache, self._dstate, self.decode_steps)
         return tokens, np.asarray(self._dstate.done)
 
-    def _new_cache(self) -> KVCache:
-        """The batch's cache; over a mesh, created directly in its shardings."""
-        if self._mesh is None:
-            return self.sampler.new_cache(self.slots)
-        from gemma_jax.sharding import init_cache  # only meshes need the sharding rules
-
-        s = self.sampler
-        return init_cache(s.config, self.slots, s.cache_length, s.cache_dtype, self._mesh)
-
     def _reset(self) -> None:
         """A fresh, empty batch (after a failure may have consumed the donated buffers)."""
-        self._cache = self._new_cache()
+        self._cache = self.sampler.new_cache(self.slots)
         self._dstate = DecodeState.empty(self.slots)

@@ -24,7 +24,7 @@ class Metrics:
         )
         self.request_latency = Histogram(
             "gemma_jax_request_latency_seconds",
-            "From submission to the last token of a request.",
+            "From submission to the last token.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
