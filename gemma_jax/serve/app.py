@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from gemma_jax import __version__
 from gemma_jax.serve.engine import Engine, EngineClosed, Handle, Output, QueueFull, RequestFailed
-from gemma_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+from gemma_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
@@ -193,7 +193,7 @@ def create_app(engine: Engine, *, model_name: str) -> FastAPI:
 async def _generate(
     engine: Engine,
     request: Request,
-    body: _SamplingRequest,
+    body: SamplingRequest,
     prompts: list[list[int]],
     max_tokens: list[int],
     fmt: _Format,

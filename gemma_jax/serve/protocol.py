@@ -26,7 +26,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Body):
+class SamplingRequest(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str
@@ -81,7 +81,7 @@ class _SamplingRequest(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool | None = None
@@ -89,7 +89,7 @@ class CompletionRequest(_SamplingRequest):
     best_of: int | None = None
 
     _NEUTRAL = (
-        *_SamplingRequest._NEUTRAL,
+        *SamplingRequest._NEUTRAL,
         ("logprobs", (None,)),
         ("echo", (None, False)),
         ("suffix", (None,)),
@@ -120,7 +120,7 @@ class ChatMessage(_Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
@@ -131,7 +131,7 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None
 
     _NEUTRAL = (
-        *_SamplingRequest._NEUTRAL,
+        *SamplingRequest._NEUTRAL,
         ("logprobs", (None, False)),
         ("top_logprobs", (None,)),
         ("tools", (None, [])),
