@@ -73,6 +73,8 @@ def generate(args: argparse.Namespace, model_dir: str, prompts: list[str], out: 
 def score(
     args: argparse.Namespace, samples: pathlib.Path, out: pathlib.Path, tokenizer_dir: str | None
 ) -> pathlib.Path:
+    if args.reference_compat and not tokenizer_dir:
+        raise ValueError("--reference-compat shows the scorer the templated prompt: pass --tokenizer CHECKPOINT")
     rows = read_rows(samples)
     require_columns(rows, ["prompt", "responses"], str(samples))
     tokenizer = Tokenizer.from_dir(checkpoint.resolve(tokenizer_dir)) if tokenizer_dir else None
