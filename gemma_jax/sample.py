@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
             chat_repl(sampler, input_fn=input_fn, out=out, **settings)
     except ValueError as e:  # a prompt that does not fit: checked before anything compiles
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted\n")
     return 0
 
 
@@ -146,8 +148,8 @@ def chat_repl(sampler: Sampler, *, input_fn: Callable[[str], str], out, seed: in
             continue
         history.append({"role": "user", "content": line})
         ids = sampler.tokenizer.encode_chat(history)
+        reply = []
         try:
-            reply = []
             for piece in sampler.stream(ids, seed=seed + len(history), **settings):
                 out.write(piece)
                 out.flush()
@@ -156,6 +158,8 @@ def chat_repl(sampler: Sampler, *, input_fn: Callable[[str], str], out, seed: in
             history.pop()
             out.write(f"error: {e}\n")
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat; the part shown stays in the history
+            out.write(" [interrupted]")
         out.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
 

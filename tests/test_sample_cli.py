@@ -138,3 +138,25 @@ def test_not_a_checkpoint(capsys, tmp_path):
         run(capsys, "--checkpoint", tmp_path, "--cache-dir", tmp_path / "cache", "--prompt", "hi")
     assert e.value.code == 2
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_chat_repl_ctrl_c_stops_one_answer(tiny_tokenizer):
+    """Ctrl-C while an answer streams ends that answer; the chat goes on with the shown part as history."""
+    import io
+
+    prompts = []
+
+    class Interrupted:
+        tokenizer = tiny_tokenizer
+
+        def stream(self, ids, **kw):
+            prompts.append(ids)
+            yield "partial"
+            raise KeyboardInterrupt
+
+    lines = iter(["first", "second", "/exit"])
+    out = io.StringIO()
+    sample.chat_repl(Interrupted(), input_fn=lambda _: next(lines), out=out, seed=0, max_new_tokens=4)
+    assert out.getvalue().count("partial [interrupted]") == 2
+    second = tiny_tokenizer.decode(prompts[1])
+    assert "first" in second and "partial" in second and "second" in second
