@@ -142,3 +142,18 @@ def test_bad_config_fails_before_work(rows, tiny_tokenizer, tmp_path):
             tmp_path,
             sppo_train.TrainConfig(batch_size=4, lora_rank=2, lora_targets=("attn",)),
         )
+
+
+def test_optimizer_state_is_sharded_like_the_params():
+    """On a mesh the RMSProp state lives where its parameter lives, not replicated on every device."""
+    from gemma_jax.sharding import make_mesh
+
+    mesh = make_mesh("fsdp=8")
+    cfg = sppo_train.TrainConfig()
+    _, trainable, _ = sppo_train.split_model(tiny_model(512), cfg)
+    trainable = sppo_train._shard(trainable, mesh)
+    state = sppo_train.init_state(sppo_train.make_optimizer(cfg, 10), trainable, cfg, mesh)
+    embedding = trainable["embedder"]["embedding"][...]
+    assert not embedding.sharding.is_fully_replicated
+    same_shape = [x for x in jax.tree.leaves(state["opt_state"]) if x.shape == embedding.shape]
+    assert same_shape and all(x.sharding.is_equivalent_to(embedding.sharding, embedding.ndim) for x in same_shape)

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from gemma_jax import sharding
 from gemma_jax.sppo import lora as lora_lib
 from gemma_jax.sppo.data import PairDataset, build_dataset, pair_batch
 from gemma_jax.sppo.loss import LOSS_TYPES, PairLogps, PairProbs, reward_metrics, sequence_logps, sppo_losses
@@ -261,11 +262,14 @@ def _cached_reference_logps(run_dir: pathlib.Path, compute: Callable[[], np.ndar
 # ---------------------------------------------------------------- the loop
 
 
-def init_state(tx: optax.GradientTransformation, trainable: nnx.State, cfg: TrainConfig) -> dict:
-    """{params, opt_state, step}: the optimizer state in `opt_dtype`, laid out like the params."""
+def init_state(
+    tx: optax.GradientTransformation, trainable: nnx.State, cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None
+) -> dict:
+    """{params, opt_state, step}: optimizer state in `opt_dtype`, laid out (on a mesh: sharded) like the params."""
     opt_dtype = jnp.dtype(cfg.opt_dtype)
     wide = jax.tree.map(lambda p: p.astype(opt_dtype), trainable)
-    return {"params": trainable, "opt_state": jax.jit(tx.init)(wide), "step": jnp.zeros((), jnp.int32)}
+    opt_state = jax.jit(tx.init)(wide) if mesh is None else sharding.init_optimizer(tx, wide, mesh)
+    return {"params": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
 
 def split_model(model: Transformer, cfg: TrainConfig):
@@ -343,7 +347,7 @@ def train(
             ref_table = _cached_reference_logps(
                 run_dir, lambda: reference_logps(graphdef, trainable, frozen, dataset, cfg, mesh), origin["data"]
             )
-    state = init_state(make_optimizer(cfg, total), trainable, cfg)
+    state = init_state(make_optimizer(cfg, total), trainable, cfg, mesh)
     if start:
         state = _restore(manager, state)
         log.info("resumed from step %d of %d", start, total)
@@ -397,9 +401,7 @@ def _mesh_context(mesh: jax.sharding.Mesh | None):
 
 
 def _shard(trainable: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-    from gemma_jax.sharding import param_shardings
-
-    trainable.replace_by_pure_dict(jax.device_put(trainable.to_pure_dict(), param_shardings(trainable, mesh)))
+    trainable.replace_by_pure_dict(jax.device_put(trainable.to_pure_dict(), sharding.param_shardings(trainable, mesh)))
     return trainable
 
 
@@ -407,12 +409,11 @@ def _place(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None, axis: i
     """Split the rows (dimension `axis`) of every batch array over the mesh's batch axes."""
     if mesh is None:
         return batch
-    from gemma_jax.sharding import logical_sharding
 
     def put(x: np.ndarray):
         axes = [None] * x.ndim
         axes[axis] = "batch"
-        return jax.device_put(x, logical_sharding(axes, mesh, x.shape))
+        return jax.device_put(x, sharding.logical_sharding(axes, mesh, x.shape))
 
     return {k: put(v) for k, v in batch.items()}
 
