@@ -5,8 +5,8 @@
 
 Default: float32 random weights on the default backend, for the tiny test config and a 2-layer slice of
 the gemma-2-2b shape (32k vocab), each next to HF transformers (eager, same weights) on the same machine.
-Ours: prefill and the decode loop timed apart (Sampler.prefill / start / decode); HF: prefill =
-generate(max_new_tokens=1), decode = (generate(1 + new) - generate(1)) / new tokens; batch 1 and 8,
+Prefill and decode are timed apart: ours with the Sampler's pieces (prefill / start / decode), HF's
+with a logits processor that timestamps each step of one generate(1 + new) call; batch 1 and 8,
 greedy. Ratios are gemma_jax / HF (higher is faster); cache bytes are ours (preallocated for prompt +
 new) and HF's after generation. `--preset NAME --random-weights` runs only gemma_jax, in
 bfloat16, and compares decode against the memory-bandwidth floor (weights + cache read once per step).
@@ -59,17 +59,6 @@ def prompts(config: gj.GemmaConfig, batch: int, length: int) -> list[list[int]]:
     return [[2, *rng.integers(110, config.vocab_size, length - 1).tolist()] for _ in range(batch)]
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of `repeats` runs after one warm-up (compile) run."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench_ours(sampler: Sampler, config, batch: int, length: int, new: int, repeats: int) -> dict:
     """Prefill and the decode loop timed apart, with the sampler's own pieces."""
     ids = prompts(config, batch, length)
@@ -91,27 +80,41 @@ def bench_ours(sampler: Sampler, config, batch: int, length: int, new: int, repe
 
 
 def bench_hf(hf, config, stop_ids, batch: int, length: int, new: int, repeats: int) -> dict:
+    """HF generate with a logits processor that timestamps every step: prefill ends at the first, decode
+    runs from the first to the last."""
     import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
 
     x = torch.as_tensor(np.asarray(prompts(config, batch, length), np.int64))
-    out = {}
-
-    def run(n):
+    prefill_s, decode_s = float("inf"), float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        clock = Clock()
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            out["g"] = hf.generate(
+            out = hf.generate(
                 x,
                 do_sample=False,
-                max_new_tokens=n,
+                max_new_tokens=1 + new,
                 eos_token_id=list(stop_ids),
-                return_dict_in_generate=True,
                 pad_token_id=0,
+                logits_processor=LogitsProcessorList([clock]),
+                return_dict_in_generate=True,
             )
-
-    prefill_s = timed(lambda: run(1), repeats)
-    total_s = timed(lambda: run(1 + new), repeats)
-    cache = out["g"].past_key_values
-    nbytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return {"prefill": batch * length / prefill_s, "decode": batch * new / (total_s - prefill_s), "cache": nbytes}
+        prefill_s = min(prefill_s, clock.times[0] - t0)
+        decode_s = min(decode_s, clock.times[-1] - clock.times[0])
+    decoded = batch * (len(clock.times) - 1)
+    nbytes = sum(
+        t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+    )
+    return {"prefill": batch * length / prefill_s, "decode": decoded / decode_s, "cache": nbytes}
 
 
 def compare(args, tmp: pathlib.Path) -> None:
