@@ -37,6 +37,11 @@ ARCHITECTURES = {"gemma2": GEMMA2, "gemma3": GEMMA3}
 # llama.cpp scales queries by 1/sqrt(hidden / heads) for the 27B models (identified by depth),
 # by 1/sqrt(head_dim) otherwise; the GGUF does not store it.
 _LAYERS_27B = {"gemma2": 46, "gemma3": 62}
+# Values llama.cpp assumes when an (older) file lacks the key; the others are required.
+_DEFAULTS = {
+    "gemma2": {"rope.freq_base": 10_000.0, "attention.sliding_window": 4096},
+    "gemma3": {"rope.freq_base": 1_000_000.0},
+}
 _GEMMA3_PERIOD = 6  # llama.cpp: 5 sliding layers, then 1 global
 _GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 _SPACE = "\u2581"  # sentencepiece's escaped space
@@ -93,7 +98,7 @@ def hf_config(reader: Any) -> dict[str, Any]:
     arch = architecture(reader)
 
     def key(name: str, default: Any = ...) -> Any:
-        return _field(reader, f"{arch}.{name}", default)
+        return _field(reader, f"{arch}.{name}", _DEFAULTS[arch].get(name, default))
 
     hidden, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
     head_dim = key("attention.key_length", hidden // heads)
@@ -110,7 +115,7 @@ def hf_config(reader: Any) -> dict[str, Any]:
         "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
         "max_position_embeddings": key("context_length"),
         "sliding_window": key("attention.sliding_window"),
-        "rope_theta": key("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0),
+        "rope_theta": key("rope.freq_base"),
         "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
     }
     if arch == "gemma2":
