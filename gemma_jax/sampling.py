@@ -62,14 +62,20 @@ def check(temperature, top_k, top_p, min_p) -> None:
 def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Array:
     """Tokens [B] int32 from logits [B, V] float32, with one PRNG key per row (keys [B]).
 
-    When every row is greedy the sort over the vocabulary is skipped.
+    The sort over the vocabulary (262k entries for Gemma 3) runs only when some row uses top-k,
+    top-p or min-p; a row's token depends only on its own settings and key, never on its batch mates.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.lax.cond(
-        jnp.all(params.temperature == 0),
-        lambda: greedy,
-        lambda: jnp.where(params.temperature == 0, greedy, _sample_filtered(logits, params, keys)),
-    )
+    filters = (params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0)  # [B]
+
+    def stochastic() -> jax.Array:
+        plain = _sample_plain(logits, params, keys)
+        filtered = jax.lax.cond(
+            jnp.any(filters & (params.temperature > 0)), lambda: _sample_filtered(logits, params, keys), lambda: plain
+        )
+        return jnp.where(params.temperature == 0, greedy, jnp.where(filters, filtered, plain))
+
+    return jax.lax.cond(jnp.all(params.temperature == 0), lambda: greedy, stochastic)
 
 
 def filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
@@ -87,6 +93,13 @@ def filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Arra
     probs = jax.nn.softmax(scaled, axis=-1)
     scaled = jnp.where(probs < params.min_p[:, None] * probs[:, :1], -jnp.inf, scaled)
     return scaled, order
+
+
+def _sample_plain(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Array:
+    """Sample from softmax(logits / temperature), no filter and no sort."""
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
+    scaled = logits.astype(jnp.float32) / temperature[:, None]
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
 
 
 def _sample_filtered(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Array:

@@ -59,6 +59,30 @@ def test_top_p_frequencies_match_truncated_distribution():
     assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001
 
 
+def chi2_against(tokens: np.ndarray, probs: np.ndarray) -> float:
+    counts = np.bincount(tokens, minlength=len(probs))
+    expected = probs * len(tokens)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_unfiltered_frequencies_match_tempered_softmax():
+    """Temperature alone (the path that skips the sort) samples softmax(logits / T)."""
+    params = SamplingParams.create(N, temperature=0.7)
+    keys = jax.random.split(jax.random.key(3), N)
+    tokens = np.asarray(jit_sample(jnp.broadcast_to(jnp.asarray(LOGITS), (N, len(PROBS))), params, keys))
+    assert chi2_against(tokens, np.asarray(jax.nn.softmax(LOGITS / 0.7))) < 20.5  # 5 d.o.f., p = 0.001
+
+
+def test_row_token_does_not_depend_on_batch_mates():
+    """A server mixes requests: the same row, key and settings give the same token whatever the other rows use."""
+    logits = jnp.asarray(np.stack([LOGITS] * 4))
+    keys = jax.random.split(jax.random.key(4), 4)
+    alone = SamplingParams.create(4, temperature=1.0)
+    mixed = SamplingParams.create(4, temperature=1.0, top_k=[0, 2, 0, 3], top_p=[1.0, 1.0, 0.9, 1.0])
+    a, b = np.asarray(jit_sample(logits, alone, keys)), np.asarray(jit_sample(logits, mixed, keys))
+    assert a[0] == b[0]
+
+
 def test_rows_use_their_own_settings():
     logits = jnp.asarray(np.stack([LOGITS, LOGITS, LOGITS]))
     params = SamplingParams.create(3, temperature=[0.0, 1.0, 1.0], top_k=[0, 1, 0], top_p=[1.0, 1.0, 0.05])
