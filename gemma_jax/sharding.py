@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,8 @@ from jax.sharding import PartitionSpec as P
 
 from gemma_jax.config import GemmaConfig
 from gemma_jax.kv_cache import KVCache, LayerCache
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -383,6 +386,9 @@ def maybe_initialize_distributed(
         try:
             jax.distributed.initialize()  # auto-detected clusters only
         except ValueError:  # no cluster found: nothing to join
+            return False
+        except RuntimeError as e:  # JAX already started in this process (a notebook, a test): too late to join
+            log.warning("not joining a multi-host run: %s", e)
             return False
     return jax.process_count() > 1
 

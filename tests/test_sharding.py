@@ -335,6 +335,15 @@ def test_distributed_settings_from_env(initialize_calls, monkeypatch):
         shd.maybe_initialize_distributed()
 
 
+def test_no_cluster_after_jax_started_is_one_process(monkeypatch, caplog):
+    """In a notebook or a test JAX is already running: auto-detection can't join anything, and says so."""
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    jax.devices()
+    assert shd.maybe_initialize_distributed() is False
+    assert "not joining a multi-host run" in caplog.text
+
+
 def test_memory_table_script_matches_docs():
     """benchmarks/memory_table.py runs (shapes only) and docs/sharding.md holds its current output."""
     script = runpy.run_path(str(REPO / "benchmarks" / "memory_table.py"))

@@ -15,6 +15,7 @@ import logging
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 
 from gemma_jax import checkpoint, sharding
@@ -54,9 +55,14 @@ def make_scorer(spec: str, dtype: str = "bfloat16") -> Scorer:
 # ---------------------------------------------------------------- steps
 
 
+def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh | None:
+    return sharding.mesh_from_args(args) if args.mesh else None
+
+
 def generate(args: argparse.Namespace, model_dir: str, prompts: list[str], out: pathlib.Path) -> pathlib.Path:
-    _, model, tokenizer = _load(model_dir, args.dtype)
-    sampler = Sampler(model, tokenizer, cache_length=args.cache_length)
+    mesh = _mesh(args)
+    _, model, tokenizer = _load(model_dir, args.dtype, mesh)
+    sampler = Sampler(model, tokenizer, cache_length=args.cache_length, mesh=mesh)
     rows = sample_responses(
         sampler,
         prompts,
@@ -85,7 +91,7 @@ def score(
 
 
 def train_step(args: argparse.Namespace, model_dir: str, data: pathlib.Path, run_dir: pathlib.Path) -> pathlib.Path:
-    mesh = sharding.mesh_from_args(args) if args.mesh else None
+    mesh = _mesh(args)
     path, model, tokenizer = _load(model_dir, args.dtype, mesh)
     cfg = train_config(args)
     result = train(model, tokenizer, read_rows(data), run_dir, cfg, source=str(data), mesh=mesh)
@@ -190,7 +196,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", dest="save_every", type=int, default=None)
     g.add_argument("--data-seed", dest="seed", type=int, default=None, help=f"data order (default {d.seed})")
     g.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="output checkpoint dtype")
-    sharding.add_cli_args(p)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -202,6 +207,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="reproduce the reference's double BOS, scored '<start_of_turn>model' header and templated PairRM prompt",
     )
+    sharding.add_cli_args(p)  # --mesh: generation and training shard the policy the same way
 
 
 def parser() -> argparse.ArgumentParser:
