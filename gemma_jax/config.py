@@ -331,20 +331,22 @@ def gemma2_27b() -> GemmaConfig:
     )
 
 
+# Sizes of the tiny test models: every code path of the big ones, milliseconds to run.
+_TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=8,
+)
+
+
 def gemma2_tiny(**overrides: Any) -> GemmaConfig:
-    """A 2-group model for tests and examples: every code path of the big ones, milliseconds to run."""
-    base = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=8,
-    )
-    return GemmaConfig(**(base | overrides))
+    """Gemma-2 on the tiny sizes: 4 layers = two scanned (sliding, global) groups."""
+    return GemmaConfig(**(_TINY | dict(num_layers=4) | overrides))
 
 
 # Released Gemma-3 text configs (google/gemma-3-{270m,1b} are text-only; 4b+ are the language model of
@@ -415,21 +417,8 @@ def gemma3_27b() -> GemmaConfig:
 
 
 def gemma3_tiny(**overrides: Any) -> GemmaConfig:
-    """Gemma-3 options on the tiny test sizes: 8 layers = one 6-layer period + a 2-layer tail."""
-    base = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=8,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=8,
-        global_rope_scale=2.0,
-        max_position_embeddings=8192,
-    )
-    return _gemma3(**(base | overrides))
+    """Gemma-3 options on the tiny sizes: 8 layers = one 6-layer period + a 2-layer tail."""
+    return _gemma3(**(_TINY | dict(num_layers=8, global_rope_scale=2.0, max_position_embeddings=8192) | overrides))
 
 
 PRESETS = {
