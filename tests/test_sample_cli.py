@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def test_bad_arguments(capsys, hf_dir, cache_dir, args, match):
     with pytest.raises(SystemExit) as e:
         run(capsys, "--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", *args)
     assert e.value.code == 2
-    assert pytest.importorskip("re").search(match, capsys.readouterr().err)
+    assert re.search(match, capsys.readouterr().err)
 
 
 def test_not_a_checkpoint(capsys, tmp_path):
