@@ -83,13 +83,18 @@ class Attention(nnx.Module):
         q = apply_rope(q, rope_pos, self.rope_theta, self.rope_scale)
         k = apply_rope(k, rope_pos, self.rope_theta, self.rope_scale)
         keys, values, key_pos = k, v, positions
-        if cache is not None:
-            # Attend over what was cached before this call plus the new tokens, then store the new
-            # ones: a prefill chunk longer than the ring still sees all of its own keys.
+        if cache is not None and x.shape[1] == 1:
+            # Decode: store the token, then attend over the cache alone. In a ring the slot it takes
+            # held position p - window, which has just left the window: nothing needed is lost.
+            cache = kv_cache.write(cache, k, v, positions, ring=self.sliding)
+            keys, values, key_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.positions  # [B, S, ...]
+        elif cache is not None:
+            # Prefill: attend over what was cached before this call plus the new tokens, then store
+            # them: a chunk longer than the ring still sees all of its own keys.
             keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)  # [B, S+T, K, H]
             values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
             key_pos = jnp.concatenate([cache.positions, positions], axis=1)  # [B, S+T]
             cache = kv_cache.write(cache, k, v, positions, ring=self.sliding)
-        mask = attention_mask(positions, key_pos, self.window)  # [B, T, S+T]
+        mask = attention_mask(positions, key_pos, self.window)  # [B, T, S(+T)]
         out = dot_attention(q, keys, values, mask, self.scale, self.cap)  # [B, T, N, H]
         return self.o(out), cache
