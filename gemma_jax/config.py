@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -87,11 +86,6 @@ class GemmaConfig:
         if kind == SLIDING:
             return (self.rope_theta if self.local_rope_theta is None else self.local_rope_theta), 1.0
         return self.rope_theta, self.global_rope_scale
-
-    @property
-    def embed_scale(self) -> float:
-        """Input embeddings are multiplied by sqrt(D) (rounded to the compute dtype by the model)."""
-        return math.sqrt(self.hidden_size)
 
     def to_hf(self) -> dict[str, Any]:
         """The HF config.json dict (`Gemma2Config` / `Gemma3TextConfig`) for this architecture."""

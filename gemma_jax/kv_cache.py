@@ -3,8 +3,8 @@
 Global layers keep `cache_length` slots (slot = position). Sliding-window layers keep a ring of
 `sliding_window` slots (slot = position % window), which is all they can ever attend to: for the
 9B model at 16k that is 3.5 GB per sequence instead of 5.6 GB. Every slot stores the position it
-holds (-1 = empty), so masks come from positions, rows are independent, and a server can reset one
-row (`clear_rows`) to let a new request join a running batch.
+holds (-1 = empty), so masks come from positions and rows are independent: a server prefills a new
+request into a one-row cache and copies it over a free row of the running batch (`sampler.insert`).
 """
 
 from __future__ import annotations
@@ -62,17 +62,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
-
-    def clear_rows(self, rows: jax.Array) -> KVCache:
-        """Mark every slot of the rows where `rows` [B] is True as empty (their K/V become unreachable)."""
-
-        def clear(c: LayerCache) -> LayerCache:
-            return c.replace(positions=jnp.where(rows[:, None], EMPTY, c.positions))
-
-        def clear_stacked(c: LayerCache) -> LayerCache:
-            return c.replace(positions=jnp.where(rows[None, :, None], EMPTY, c.positions))
-
-        return KVCache(groups=tuple(map(clear_stacked, self.groups)), tail=tuple(map(clear, self.tail)))
 
 
 def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, ring: bool) -> LayerCache:

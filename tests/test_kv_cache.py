@@ -58,15 +58,6 @@ def test_ring_holds_last_window(model):
     assert (np.asarray(full.positions[0, 0, 30:]) == -1).all()
 
 
-def test_clear_rows_makes_row_empty(model):
-    tokens, mask = left_padded(np.random.default_rng(2), [10, 10], model.config.vocab_size)
-    _, cache = run_chunks(model, tokens, mask, [10])
-    cleared = cache.clear_rows(jnp.asarray([True, False]))
-    for layer in (*cleared.groups, *cleared.tail):
-        pos = np.asarray(layer.positions)
-        assert (pos[..., 0, :] == -1).all() and (pos[..., 1, :] >= 0).any()
-
-
 def test_9b_cache_bytes_at_16k():
     """Sliding layers hold a 4096 ring: 21 x (16384 + 4096) x 8 KiB = 3.5 GB bf16, not 5.6 GB."""
     import jax
