@@ -16,15 +16,12 @@ import re
 import sys
 from collections.abc import Callable
 
-import jax.numpy as jnp
-
 from gemma_jax import checkpoint, default_model, fp8, sampling, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.config import ConfigError
 from gemma_jax.sampler import Sampler
 from gemma_jax.tokenizer import Tokenizer
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "fp8": jnp.bfloat16}  # fp8: FP8 weights, bf16 compute
 _INSTRUCTION_TUNED = re.compile(r"(^|[-_/])it($|[-_/])", re.IGNORECASE)  # gemma-2-9b-it, Gemma-2-9B-It-SPPO-Iter2
 
 
@@ -51,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-length", type=int, default=16384, help="KV cache tokens per sequence (prompt + output)")
     p.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=sorted(checkpoint.DTYPES),
         help="compute and cache dtype (default: bfloat16; float32 for the embedded model); fp8: e4m3 projection "
         "weights, bf16 compute (HF sources convert to FP8)",
     )
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
             else default_model.ensure(args.cache_dir)
         )
         quant = args.quant or (fp8.WEIGHT_ONLY if args.dtype == "fp8" else None)
-        model = checkpoint.load_model(path, dtype=DTYPES[args.dtype], mesh=mesh, quant=quant)
+        model = checkpoint.load_model(path, dtype=checkpoint.DTYPES[args.dtype], mesh=mesh, quant=quant)
         tokenizer = Tokenizer.from_dir(path)
         sampler = Sampler(model, tokenizer, cache_length=args.cache_length, mesh=mesh)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:

@@ -287,9 +287,7 @@ class Sampler:
         chat: bool = False,
     ) -> list[Completion]:
         """Complete a batch of prompts (text, or token ids used as given); `chat` wraps text in the chat template."""
-        ids = self._encode(prompts, chat)
-        params = SamplingParams.create(len(ids), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        self._check_request(ids, max_new_tokens)
+        ids, params = self._request(prompts, chat, max_new_tokens, temperature, top_k, top_p, min_p)
         rows = [[] for _ in ids]
         for new in self._run(ids, max_new_tokens, params, seed, self.decode_steps):
             for row, token in zip(rows, new, strict=True):
@@ -309,9 +307,7 @@ class Sampler:
         chat: bool = False,
     ) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, `stream_steps` tokens per jit call."""
-        ids = self._encode([prompt], chat)
-        params = SamplingParams.create(1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        self._check_request(ids, max_new_tokens)
+        ids, params = self._request([prompt], chat, max_new_tokens, temperature, top_k, top_p, min_p)
         decoder = self.tokenizer.stream_decoder()
         stop = set(self.tokenizer.stop_ids)
         for new in self._run(ids, max_new_tokens, params, seed, self.stream_steps):
@@ -344,10 +340,16 @@ class Sampler:
                 ids.append([int(t) for t in p])
         return ids
 
-    def _check_request(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    def _request(
+        self, prompts, chat: bool, max_new_tokens: int, temperature, top_k, top_p, min_p
+    ) -> tuple[list[list[int]], SamplingParams]:
+        """Token ids and per-row sampling params of a request, every setting checked before any compile."""
+        ids = self._encode(prompts, chat)
+        params = SamplingParams.create(len(ids), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        self._check_lengths(prompts, max_new_tokens)
+        self._check_lengths(ids, max_new_tokens)
+        return ids, params
 
     def _check_lengths(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         """Everything a row will hold must fit its cache; checked before anything compiles."""
