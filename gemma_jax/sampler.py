@@ -10,7 +10,6 @@ compiled programs are shared by every Sampler over the same architecture.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from gemma_jax import sharding
 from gemma_jax.kv_cache import EMPTY, KVCache
 from gemma_jax.sampling import SamplingParams, sample
 from gemma_jax.tokenizer import Tokenizer
@@ -223,12 +223,7 @@ class Sampler:
     def new_cache(self, batch: int) -> KVCache:
         if self.mesh is None:
             return KVCache.create(self.config, batch, self.cache_length, self.cache_dtype)
-        from gemma_jax.sharding import init_cache  # only meshes need the sharding rules
-
-        return init_cache(self.config, batch, self.cache_length, self.cache_dtype, self.mesh)
-
-    def _on_mesh(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        return sharding.init_cache(self.config, batch, self.cache_length, self.cache_dtype, self.mesh)
 
     def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, KVCache]:
         """Write token-id prompts (one per cache row) into `cache`; return each row's next-token logits [B, V].
@@ -243,7 +238,7 @@ class Sampler:
                     len(prompts), longest, padded, padded // chunk, chunk)  # fmt: skip
         tokens, mask = left_pad(prompts, padded, self.tokenizer.pad_id)
         positions = np.where(mask, np.cumsum(mask, axis=1) - 1, EMPTY).astype(np.int32)
-        with self._on_mesh():
+        with sharding.on_mesh(self.mesh):
             for s in range(0, padded, chunk):
                 cols = slice(s, s + chunk)
                 logits, cache = _prefill_chunk(
@@ -263,12 +258,12 @@ class Sampler:
         batch = len(prompts)
         keys = jax.random.split(jax.random.key(seed), batch)
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        with self._on_mesh():
+        with sharding.on_mesh(self.mesh):
             return start(logits, lengths, jnp.full((batch,), max_new_tokens, jnp.int32), params, keys, self._stop_ids)
 
     def decode(self, cache: KVCache, dstate: DecodeState, num_steps: int) -> tuple[KVCache, DecodeState, np.ndarray]:
         """Run up to `num_steps` steps (static: one compile per value); tokens [B, num_steps], NO_TOKEN = none."""
-        with self._on_mesh():
+        with sharding.on_mesh(self.mesh):
             cache, dstate, out = _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
         return cache, dstate, np.asarray(out)
 

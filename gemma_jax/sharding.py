@@ -21,6 +21,7 @@ path is unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -361,6 +362,11 @@ def jit_forward(model: nnx.Module, mesh: Mesh, *, donate_cache: bool = True) -> 
             return fn(params, tokens, positions, mask, cache)
 
     return forward
+
+
+def on_mesh(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)`, or nothing without a mesh: one code path for sharded and single-device runs."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------- multi-host

@@ -13,7 +13,6 @@ save and replays exactly the same batches, so its losses equal those of an unint
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -343,7 +342,7 @@ def train(
     ref_params = jax.tree.map(jnp.copy, trainable) if cfg.reference_on_the_fly else None
     ref_table = None
     if not cfg.reference_on_the_fly:  # pi_t's log-probs, before any update
-        with _mesh_context(mesh):
+        with sharding.on_mesh(mesh):
             ref_table = _cached_reference_logps(
                 run_dir, lambda: reference_logps(graphdef, trainable, frozen, dataset, cfg, mesh), origin["data"]
             )
@@ -356,7 +355,7 @@ def train(
     history: list[dict] = []
     try:
         with (
-            _mesh_context(mesh),
+            sharding.on_mesh(mesh),
             open(run_dir / METRICS, "a", encoding="utf-8") as metrics_file,
             tqdm(total=end, initial=start, desc="SPPO train", unit="step") as bar,
         ):
@@ -394,10 +393,6 @@ def train(
     if cfg.lora_rank:
         lora_lib.merge_lora(model)
     return TrainResult(model, history)
-
-
-def _mesh_context(mesh: jax.sharding.Mesh | None):
-    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def _shard(trainable: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
