@@ -6,29 +6,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma_jax import kv_cache
+from gemma_jax import blockwise, kv_cache
+from gemma_jax.blockwise import attention_mask, softcap
 from gemma_jax.config import SLIDING, GemmaConfig
 from gemma_jax.linear import Linear
 from gemma_jax.norm import RMSNorm
 from gemma_jax.rope import apply_rope
-
-
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    """cap * tanh(x / cap): bounds logits smoothly; None disables it."""
-    return x if cap is None else jnp.tanh(x / cap) * cap
-
-
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
-    """[B, T, S] True where query t may see key s: key present, causal, and inside the window.
-
-    The window test is HF's `k > q - window`: a query sees itself and the window-1 keys before it.
-    """
-    q = q_pos[:, :, None]
-    k = k_pos[:, None, :]
-    mask = (k >= 0) & (k <= q)
-    if window is not None:
-        mask &= k > q - window
-    return mask
 
 
 def dot_attention(
@@ -41,11 +24,11 @@ def dot_attention(
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * scale
-    scores = softcap(scores, cap).astype(jnp.float32)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap(scores, cap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
     return out.reshape(b, t, n, h)
 
 
@@ -82,19 +65,18 @@ class Attention(nnx.Module):
         rope_pos = jnp.maximum(positions, 0)
         q = apply_rope(q, rope_pos, self.rope_theta, self.rope_scale)
         k = apply_rope(k, rope_pos, self.rope_theta, self.rope_scale)
-        keys, values, key_pos = k, v, positions
-        if cache is not None and x.shape[1] == 1:
-            # Decode: store the token, then attend over the cache alone. In a ring the slot it takes
-            # held position p - window, which has just left the window: nothing needed is lost.
+        if cache is None:  # training and plain forwards: dense over the sequence itself
+            out = dot_attention(q, k, v, attention_mask(positions, positions, self.window), self.scale, self.cap)
+            return self.o(out), None
+        # With a cache. A global layer stores the new tokens first and attends over the cache alone: a
+        # loop that reads a buffer written after it makes XLA copy the whole buffer (per layer, per step).
+        # A ring (sliding layer) prefill chunk must read first: storing a chunk can overwrite keys that
+        # its own earlier queries still see; copying a ring costs its window, not the capacity. In a
+        # ring, a decode token's slot held position p - window, which has just left the window.
+        if not self.sliding or x.shape[1] == 1:
             cache = kv_cache.write(cache, k, v, positions, ring=self.sliding)
-            keys, values, key_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.positions  # [B, S, ...]
-        elif cache is not None:
-            # Prefill: attend over what was cached before this call plus the new tokens, then store
-            # them: a chunk longer than the ring still sees all of its own keys.
-            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)  # [B, S+T, K, H]
-            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-            key_pos = jnp.concatenate([cache.positions, positions], axis=1)  # [B, S+T]
+            k, v = k[:, :0], v[:, :0]  # already in the cache
+        out = blockwise.attend(q, positions, k, v, cache, window=self.window, scale=self.scale, cap=self.cap)
+        if k.shape[1]:
             cache = kv_cache.write(cache, k, v, positions, ring=self.sliding)
-        mask = attention_mask(positions, key_pos, self.window)  # [B, T, S(+T)]
-        out = dot_attention(q, keys, values, mask, self.scale, self.cap)  # [B, T, N, H]
-        return self.o(out), cache
+        return self.o(out), cache  # out [B, T, N, H]

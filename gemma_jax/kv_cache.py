@@ -5,9 +5,21 @@ Global layers keep `cache_length` slots (slot = position). Sliding-window layers
 9B model at 16k that is 3.5 GB per sequence instead of 5.6 GB. Every slot stores the position it
 holds (-1 = empty), so masks come from positions and rows are independent: a server prefills a new
 request into a one-row cache and copies it over a free row of the running batch (`sampler.insert`).
+
+A row fills its slots from 0 upward (a ring wraps only once it is full), so the slots a batch
+has written are `[0, filled_bound)`: attention reads those blocks and no more (see blockwise.py).
+
+Layout: keys [B, K, H, S], values [B, K, S, H]. Both attention matmuls then batch over (B, K) with
+plain (non-transposed) operands, q [G, H] x k [H, S] and p [G, S] x v [S, H], and a key block is one
+slice. Measured on the 2-core CPU (2b attention shape, batch 8, one 512-slot block, float32; the
+script is in the closing note of the fill-aware attention issue): q.k^T took 9.6-14 ms with keys as
+[B, K, S, H] and 10 ms as [B, S, K, H], against 1.4 ms as [B, K, H, S]; p.v took 1.3 ms as
+[B, K, S, H] and 4.2 ms as [B, S, K, H]. XLA's CPU dot is slow when it must transpose an operand.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -17,18 +29,36 @@ from gemma_jax.config import SLIDING, GemmaConfig
 
 EMPTY = -1
 
+# Logical axes of the cache arrays (the sharding rules map them to mesh axes).
+K_AXES = ("batch", "kv_heads", "head_dim", "length")  # k [B, K, H, S]
+V_AXES = ("batch", "kv_heads", "length", "head_dim")  # v [B, K, S, H]
+POSITION_AXES = ("batch", "length")  # positions [B, S]
+
 
 @struct.dataclass
 class LayerCache:
-    """One layer's keys/values. Stacked layers carry a leading [G] axis on every field."""
+    """One layer's keys/values. Stacked layers carry a leading [G] axis on every field.
 
-    k: jax.Array  # [B, S, K, H]
-    v: jax.Array  # [B, S, K, H]
+    `layer` set (a scalar index) makes this a view of that layer of a stacked cache: reads and
+    writes go to `[layer]` in place, so a scan over layers never slices out or re-stacks a copy.
+    """
+
+    k: jax.Array  # [B, K, H, S]
+    v: jax.Array  # [B, K, S, H]
     positions: jax.Array  # [B, S] int32, absolute position in each slot, EMPTY if none
+    layer: jax.Array | None = None  # [] int32: index into the leading [G] axis of a stacked cache
 
     @property
     def size(self) -> int:
         return self.positions.shape[-1]
+
+    def view(self, layer: jax.Array) -> LayerCache:
+        """Layer `layer` of this stacked cache, read and written in place."""
+        return dataclasses.replace(self, layer=layer)
+
+    def stacked(self) -> LayerCache:
+        """The whole stacked cache behind a view."""
+        return dataclasses.replace(self, layer=None)
 
 
 @struct.dataclass
@@ -46,10 +76,10 @@ class KVCache:
 
         def layer(kind: str, lead: tuple[int, ...]) -> LayerCache:
             size = min(config.sliding_window, cache_length) if kind == SLIDING else cache_length
-            kv_shape = (*lead, batch, size, config.num_kv_heads, config.head_dim)
+            heads = (*lead, batch, config.num_kv_heads)
             return LayerCache(
-                k=jnp.zeros(kv_shape, dtype),
-                v=jnp.zeros(kv_shape, dtype),
+                k=jnp.zeros((*heads, config.head_dim, size), dtype),
+                v=jnp.zeros((*heads, size, config.head_dim), dtype),
                 positions=jnp.full((*lead, batch, size), EMPTY, jnp.int32),
             )
 
@@ -62,6 +92,31 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
+
+
+def filled_bound(cache: LayerCache, positions: jax.Array) -> jax.Array:
+    """[] int32: every slot a query at `positions` [B, T] may need lies below this bound.
+
+    Slots fill from 0 upward, so a row whose newest position is p has written slots [0, p] only
+    (a ring: all of them once p >= size). Rows that are free (all EMPTY) need nothing.
+    """
+    return jnp.minimum(jnp.max(positions) + 1, cache.size).astype(jnp.int32)
+
+
+def read(cache: LayerCache, start: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Slots [start, start + size): k [B, K, H, size], v [B, K, size, H] and positions [B, size]."""
+
+    def take(x: jax.Array, slot_axis: int) -> jax.Array:
+        # One dynamic_slice (the view's layer and the slot range together), so nothing larger is copied.
+        starts = [jnp.zeros((), jnp.int32)] * x.ndim
+        sizes = list(x.shape)
+        starts[slot_axis], sizes[slot_axis] = start, size
+        if cache.layer is not None:
+            starts[0], sizes[0] = cache.layer, 1
+        block = jax.lax.dynamic_slice(x, starts, sizes)
+        return block if cache.layer is None else block[0]
+
+    return take(cache.k, -1), take(cache.v, -2), take(cache.positions, -1)
 
 
 def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, ring: bool) -> LayerCache:
@@ -80,8 +135,12 @@ def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, r
         slots = positions
     slots = jnp.where(keep, slots, size)  # out of range -> dropped by the scatter
     rows = jnp.arange(positions.shape[0])[:, None]  # [B, 1]
-    return LayerCache(
-        k=cache.k.at[rows, slots].set(k.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[rows, slots].set(v.astype(cache.v.dtype), mode="drop"),
-        positions=cache.positions.at[rows, slots].set(positions, mode="drop"),
+    lead = () if cache.layer is None else (cache.layer,)
+    # k [(G,) B, K, H, S] at (layer, rows, :, :, slots) and v [(G,) B, K, S, H] at (layer, rows, :, slots):
+    # both updates are [B, T, K, H], the projections' own shape.
+    return dataclasses.replace(
+        cache,
+        k=cache.k.at[(*lead, rows, slice(None), slice(None), slots)].set(k.astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[(*lead, rows, slice(None), slots)].set(v.astype(cache.v.dtype), mode="drop"),
+        positions=cache.positions.at[(*lead, rows, slots)].set(positions, mode="drop"),
     )

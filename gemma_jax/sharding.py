@@ -37,6 +37,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax.config import GemmaConfig
+from gemma_jax import kv_cache
 from gemma_jax.kv_cache import KVCache, LayerCache
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,6 @@ SHRINKABLE = frozenset({"batch", "kv_heads"})
 TOKENS = ("batch", "length")  # tokens, positions, mask [B, T]
 RESIDUAL = ("batch", "length", "act_embed")  # x between blocks [B, T, D]
 LOGITS = ("batch", "length", "act_vocab")  # [B, T, V]
-CACHE_KV = ("batch", "length", "kv_heads", "head_dim")  # k, v [B, S, K, H]
-CACHE_POSITIONS = ("batch", "length")  # [B, S]
 
 # `--mesh` presets; -1 takes the devices the other axes leave. tensor=4 divides the kv heads of every size (4/8/16).
 PRESETS: dict[str, dict[str, int]] = {
@@ -301,8 +300,11 @@ def cache_shardings(cache: KVCache, mesh: Mesh | AbstractMesh) -> KVCache:
 
     def layer(c: LayerCache) -> LayerCache:
         lead = ("layers",) * (c.positions.ndim - 2)  # stacked groups carry a leading [G]
-        kv = logical_sharding((*lead, *CACHE_KV), mesh, c.k.shape)
-        return LayerCache(k=kv, v=kv, positions=logical_sharding((*lead, *CACHE_POSITIONS), mesh, c.positions.shape))
+        return LayerCache(
+            k=logical_sharding((*lead, *kv_cache.K_AXES), mesh, c.k.shape),
+            v=logical_sharding((*lead, *kv_cache.V_AXES), mesh, c.v.shape),
+            positions=logical_sharding((*lead, *kv_cache.POSITION_AXES), mesh, c.positions.shape),
+        )
 
     return jax.tree.map(layer, cache, is_leaf=lambda x: isinstance(x, LayerCache))
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma_jax.attention import softcap
+from gemma_jax.blockwise import softcap
 from gemma_jax.block import LayerGroup
 from gemma_jax.config import GemmaConfig
 from gemma_jax.embedder import Embedder
@@ -85,14 +85,23 @@ class Transformer(nnx.Module):
         return logits, KVCache(groups=group_caches or (), tail=tail_caches or ())
 
     def _scan_groups(self, x, positions, caches):
+        """Run the stacked groups with `lax.scan`. Weights are scanned over; a cache rides in the carry and
+        each group reads and writes its layer in place (a view), so no step slices out or re-stacks a copy."""
         graphdef, state = nnx.split(self.groups)
 
-        def body(x, group_state_and_cache):
-            group_state, group_cache = group_state_and_cache
+        def body(carry, xs):
+            x, caches = carry
+            group_state, index = xs
             group = nnx.merge(graphdef, group_state)
-            return group(x, positions, group_cache)
+            views = None if caches is None else tuple(c.view(index) for c in caches)
+            x, views = group(x, positions, views)
+            return (x, None if views is None else tuple(c.stacked() for c in views)), None
 
-        return jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, (state, caches))
+        if self.remat:
+            body = jax.checkpoint(body)
+        xs = (state, jnp.arange(self.config.num_groups, dtype=jnp.int32))
+        (x, caches), _ = jax.lax.scan(body, (x, caches), xs)
+        return x, caches
 
 
 def abstract_model(config: GemmaConfig, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):

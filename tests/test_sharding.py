@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import gemma_jax as gj
-from gemma_jax import checkpoint
+from gemma_jax import checkpoint, kv_cache
 from gemma_jax import sharding as shd
 from gemma_jax.sampler import Sampler
 
@@ -129,8 +129,8 @@ def test_mesh_matches_one_device(reference, spec):
         for shard in param[...].addressable_shards:
             assert shard.data.shape == shard_shape(axes, param.shape, mesh), jax.tree_util.keystr(path)
 
-    k = cache.groups[0].k  # [G, B, S, K, H] = [2, 8, 32, 8, 16]: batch over data x fsdp, kv heads over tensor
-    assert k.addressable_shards[0].data.shape == shard_shape(("layers", *shd.CACHE_KV), k.shape, mesh)
+    k = cache.groups[0].k  # [G, B, K, H, S] = [2, 8, 8, 16, 32]: batch over data x fsdp, kv heads over tensor
+    assert k.addressable_shards[0].data.shape == shard_shape(("layers", *kv_cache.K_AXES), k.shape, mesh)
 
 
 def test_sampler_greedy_tokens_match_one_device(reference, tiny_tokenizer):
