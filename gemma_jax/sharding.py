@@ -36,8 +36,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gemma_jax.config import GemmaConfig
 from gemma_jax import kv_cache
+from gemma_jax.config import GemmaConfig
 from gemma_jax.kv_cache import KVCache, LayerCache
 
 log = logging.getLogger(__name__)

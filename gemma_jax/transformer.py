@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma_jax.blockwise import softcap
 from gemma_jax.block import LayerGroup
+from gemma_jax.blockwise import softcap
 from gemma_jax.config import GemmaConfig
 from gemma_jax.embedder import Embedder
 from gemma_jax.kv_cache import EMPTY, KVCache
