@@ -185,6 +185,8 @@ def hf_config(reader: Any) -> dict[str, Any]:
         return _field(reader, f"{arch}.{name}", _DEFAULTS[arch].get(name, default))
 
     hidden, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
+    if not isinstance(heads, int) or heads <= 0:  # before it divides the hidden size
+        raise CorruptGGUFError(f"GGUF metadata {arch}.attention.head_count is {heads!r}, not a positive integer")
     head_dim = key("attention.key_length", hidden // heads)
     hf: dict[str, Any] = {
         "model_type": ARCHITECTURES[arch],

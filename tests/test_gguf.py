@@ -287,6 +287,21 @@ def test_crafted_lengths_are_refused_before_the_reader_reads_them(kind, tmp_path
     assert "truncated, corrupt or crafted" in err and "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+def test_zero_heads_is_named_without_a_traceback(tmp_path, capsys):
+    w = gguf.GGUFWriter(tmp_path / "zero.gguf", "gemma3")
+    w.add_block_count(2)
+    w.add_embedding_length(64)
+    w.add_head_count(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert gguf_to_orbax.main([str(tmp_path / "zero.gguf"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: GGUF metadata gemma3.attention.head_count is 0, not a positive integer" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_crafted_array_fails_fast_with_small_memory(tmp_path):
     """The CLI on the 53-byte file with one array of 2^34 uint8 (formerly 12 GB RSS and no end)."""
     src = _crafted(tmp_path / "crafted.gguf", CRAFTED["uint8_array"][0])
