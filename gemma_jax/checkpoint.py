@@ -352,22 +352,20 @@ def _refuse_source_overlap(dst: pathlib.Path, sources: Iterable[PathLike]) -> No
     for path in _staging_paths(dst):
         if not os.path.lexists(path):
             continue
-        target = path.resolve()
         for src in sources:
             src = pathlib.Path(src).expanduser().resolve()
-            relation = (
-                "is"
-                if target == src
-                else "holds"
-                if target in src.parents
-                else "lies inside"
-                if src in target.parents
-                else None
-            )
-            if relation:
+            if relation := _relation(path.resolve(), src):
                 raise OverwriteRefusedError(
                     f"refusing to write {dst}: {path} {relation} the source {src}; choose a destination outside it"
                 )
+
+
+def _relation(path: pathlib.Path, src: pathlib.Path) -> str | None:
+    if path == src:
+        return "is"
+    if path in src.parents:
+        return "holds"
+    return "lies inside" if src in path.parents else None
 
 
 def _check_tensors(tensors: Mapping[str, hf_checkpoint.TensorInfo], config: GemmaConfig) -> None:
