@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="GGUF file (architecture gemma2 or gemma3)")
     parser.add_argument("dst", help="output directory (written atomically)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="storage dtype (default: bfloat16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST if it is a complete gemma_jax checkpoint (never the source)",
+    )
     args = parser.parse_args(argv)
     try:
         convert_gguf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)

@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="HF checkpoint directory (config.json + *.safetensors) or hub repo id")
     parser.add_argument("dst", help="output directory (written atomically)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype (default: bfloat16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST if it is a complete gemma_jax checkpoint (never the source)",
+    )
     parser.add_argument("--revision", help="hub branch, tag or commit (hub ids only)")
     args = parser.parse_args(argv)
     try:

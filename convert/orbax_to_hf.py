@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="output HF directory (written atomically)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="tensor dtype (default: as stored)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace DST if it is an HF export this tool wrote (never the source)"
+    )
     args = parser.parse_args(argv)
     try:
         export_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)

@@ -7,7 +7,9 @@ A checkpoint directory holds
   tokenizer files  copied from the source when present (`hf_checkpoint.TOKENIZER_FILES`)
   gemma_jax.json   metadata (source, revision, dtype, version), written last
 Conversions write into `DST.incomplete` beside DST and rename it at the end, so DST is absent,
-as it was, or complete; `load` refuses a directory without gemma_jax.json.
+as it was, or complete; `load` refuses a directory without gemma_jax.json. An existing DST is
+replaced (overwrite=True) only when it is a complete output of the same kind (a checkpoint, or an
+HF export marked by gemma_jax_export.json) and neither is, holds nor lies inside the source.
 
 Conversion streams: HF tensors are read one at a time, each stacked parameter [G, ...] is filled
 group by group in one buffer and handed to Orbax's partial save, so memory stays near the largest
@@ -26,8 +28,8 @@ import pathlib
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +41,10 @@ from gemma_jax import fp8, hf_checkpoint, params
 from gemma_jax.checkpoint_errors import (
     CheckpointError,
     DestinationExistsError,
+    DestinationNotWritableError,
     MissingTensorError,
     NotACheckpointError,
+    OverwriteRefusedError,
     ShapeMismatchError,
     UnexpectedTensorError,
 )
@@ -50,6 +54,8 @@ from gemma_jax.transformer import Transformer, abstract_model, from_params
 
 PARAMS_DIR = "params"
 METADATA_FILE = "gemma_jax.json"
+# Written last into an HF export, so `--overwrite` can tell a directory `export_hf` wrote from any other.
+EXPORT_FILE = "gemma_jax_export.json"
 # Storage dtypes `convert_hf` writes; "fp8": projections as e4m3 + per-channel scales (gemma_jax.fp8), the rest bf16.
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "fp8": jnp.bfloat16}
 _CHUNK_BYTES = 64 << 20
@@ -60,6 +66,12 @@ def is_checkpoint(path: PathLike) -> bool:
     """True for a complete gemma_jax checkpoint directory."""
     p = pathlib.Path(path).expanduser()
     return (p / METADATA_FILE).is_file() and (p / "config.json").is_file() and (p / PARAMS_DIR).is_dir()
+
+
+def is_hf_export(path: PathLike) -> bool:
+    """True for a complete HF directory written by `export_hf` (the only kind its --overwrite replaces)."""
+    p = pathlib.Path(path).expanduser()
+    return all((p / name).is_file() for name in (EXPORT_FILE, "config.json", hf_checkpoint.INDEX_FILE))
 
 
 def convert_hf(
@@ -77,8 +89,10 @@ def convert_hf(
     anything is written.
     """
     param_dtype = _storage_dtype(dtype)
-    dst = _destination(dst, overwrite)
+    local = pathlib.Path(src).expanduser()
+    dst = check_destination(dst, overwrite, sources=[local] if local.exists() else [])  # before a hub download
     source = hf_checkpoint.fetch(os.fspath(src), revision)
+    _refuse_source_overlap(dst, [source.directory])  # a hub id's snapshot in the HF cache
     config = hf_checkpoint.read_config(source.directory)
     tensors = hf_checkpoint.scan(source.directory)
     _check_tensors(tensors, config)
@@ -110,7 +124,7 @@ def export_hf(
     src = _checkpoint_dir(src)
     if _read_json(src / METADATA_FILE)["dtype"] == "fp8":
         raise CheckpointError(f"{src} is an FP8 checkpoint; export the bf16 or float32 checkpoint it came from")
-    dst = _destination(dst, overwrite)
+    dst = check_destination(dst, overwrite, sources=[src], kind=HF_EXPORT)
     config = GemmaConfig.from_hf(src / "config.json")
     stored = _stored_tree(src)
     out_dtype = np.dtype(_storage_dtype(dtype) if dtype else stored["embedder"]["embedding"].dtype)
@@ -140,6 +154,7 @@ def export_hf(
         hf_checkpoint.save_index(tmp, {n: files[i] for i, names in enumerate(shards) for n in names}, total)
         _write_json(tmp / "config.json", config.to_hf() | {"dtype": out_dtype.name})
         _copy_tokenizer(src, tmp)
+        _write_json(tmp / EXPORT_FILE, _metadata(str(src), out_dtype.name) | {"format": "hf_export"})
     _summary(progress, "exported", len(sizes), total, start, dst)
     return dst
 
@@ -232,7 +247,7 @@ def save(
     dtype "fp8" quantizes float params as `convert_hf` does and stores FP8 params as they are.
     """
     param_dtype = _storage_dtype(dtype)
-    dst = _destination(dst, overwrite)
+    dst = check_destination(dst, overwrite, sources=[tokenizer_dir] if tokenizer_dir is not None else [])
     quantized = fp8.is_quantized(tree)
     if quantized and dtype != "fp8":
         raise CheckpointError(f"these are FP8 params: save them with dtype='fp8', not {dtype!r}")
@@ -288,11 +303,69 @@ def _storage_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(DTYPES[name])
 
 
-def _destination(dst: PathLike, overwrite: bool) -> pathlib.Path:
+class DestinationKind(NamedTuple):
+    """What a converter writes: its name in messages, and how to recognise a complete one."""
+
+    name: str
+    is_complete: Callable[[PathLike], bool]
+
+
+CHECKPOINT = DestinationKind("gemma_jax checkpoint", is_checkpoint)
+HF_EXPORT = DestinationKind("HF export written by gemma_jax", is_hf_export)
+
+
+def check_destination(
+    dst: PathLike, overwrite: bool, *, sources: Iterable[PathLike] = (), kind: DestinationKind = CHECKPOINT
+) -> pathlib.Path:
+    """`dst` as an absolute path once writing there cannot destroy anything but an output of the same kind.
+
+    Refused by name, before anything is touched: an existing `dst` without `overwrite`; with it, a
+    `dst` that is not a complete `kind` (a user's directory, a file); a `dst` (or its staging paths)
+    that is, holds or lies inside one of `sources`; a `dst` that cannot be created (a parent is a
+    file or is not writable).
+    """
     dst = pathlib.Path(dst).expanduser().absolute()
-    if dst.exists() and not overwrite:
-        raise DestinationExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    _refuse_source_overlap(dst, sources)
+    if os.path.lexists(dst):
+        if not overwrite:
+            raise DestinationExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+        if not kind.is_complete(dst):
+            raise OverwriteRefusedError(
+                f"refusing to overwrite {dst}: it is not a complete {kind.name}, and --overwrite replaces "
+                "only that; choose another destination, or remove it yourself if it is yours to delete"
+            )
+    parent = dst.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DestinationNotWritableError(f"cannot create {dst}: {parent} is a file; choose a path in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DestinationNotWritableError(
+            f"cannot create {dst}: {parent} is not writable (permissions or a read-only file system); "
+            "choose a writable destination"
+        )
     return dst
+
+
+def _refuse_source_overlap(dst: pathlib.Path, sources: Iterable[PathLike]) -> None:
+    """Replacing `dst` (or clearing its staging paths) must not delete a source, nor a directory holding one."""
+    for path in _staging_paths(dst):
+        if not os.path.lexists(path):
+            continue
+        for src in sources:
+            src = pathlib.Path(src).expanduser().resolve()
+            if relation := _relation(path.resolve(), src):
+                raise OverwriteRefusedError(
+                    f"refusing to write {dst}: {path} {relation} the source {src}; choose a destination outside it"
+                )
+
+
+def _relation(path: pathlib.Path, src: pathlib.Path) -> str | None:
+    if path == src:
+        return "is"
+    if path in src.parents:
+        return "holds"
+    return "lies inside" if src in path.parents else None
 
 
 def _check_tensors(tensors: Mapping[str, hf_checkpoint.TensorInfo], config: GemmaConfig) -> None:
@@ -387,22 +460,29 @@ def _metadata(source: str, dtype: str, *, revision: str | None = None, commit: s
 @contextlib.contextmanager
 def _staging(dst: pathlib.Path) -> Iterator[pathlib.Path]:
     """An empty directory beside `dst` that replaces it on success and is removed on any failure."""
-    tmp = dst.with_name(dst.name + ".incomplete")
-    _remove(tmp)  # left by an interrupted run
-    tmp.mkdir(parents=True)
+    _, tmp, old = _staging_paths(dst)
     try:
+        _remove(tmp)  # left by an interrupted run
+        tmp.mkdir(parents=True)
         yield tmp
         if dst.exists():
-            old = dst.with_name(dst.name + ".replaced")
             _remove(old)
             dst.rename(old)
             tmp.rename(dst)
             _remove(old)
         else:
             tmp.rename(dst)
+    except OSError as e:  # a full disk, a permission changed midway: named, not a traceback
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {dst}: {e}; check free space and permissions, then rerun") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never mask the error; a next run clears what is left
         raise
+
+
+def _staging_paths(dst: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """`dst` and the two paths a write removes beside it: the staging directory and the replaced one."""
+    return dst, dst.with_name(dst.name + ".incomplete"), dst.with_name(dst.name + ".replaced")
 
 
 def _remove(path: pathlib.Path) -> None:

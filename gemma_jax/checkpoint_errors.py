@@ -51,3 +51,15 @@ class DestinationExistsError(CheckpointError):
 
 class NotACheckpointError(CheckpointError):
     """The path is not a complete gemma_jax checkpoint (absent, or an interrupted conversion)."""
+
+
+class InvalidConfigError(SourceError):
+    """config.json holds values that do not describe a valid model (e.g. layer_types of the wrong length)."""
+
+
+class OverwriteRefusedError(DestinationExistsError):
+    """--overwrite was asked for a path it may not replace: not a checkpoint of the kind written, or the source."""
+
+
+class DestinationNotWritableError(CheckpointError):
+    """The output path cannot be created: a parent is a file, or is not writable."""

@@ -145,14 +145,17 @@ class GemmaConfig:
             layer_types = [_HF_LAYER_TYPE[GLOBAL if (i + 1) % period == 0 else SLIDING] for i in range(num_layers)]
         pattern = _pattern_from_layer_types(layer_types, num_layers)
         global_rope, local_rope = _hf_rope(hf, gemma3)
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        heads = hf["num_attention_heads"]
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0:  # before it divides hidden_size
+            raise ConfigError(f"num_attention_heads must be a positive integer, got {heads!r}")
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
             num_layers=num_layers,
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads", heads),
             head_dim=head_dim,
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar", head_dim),
             sliding_window=hf.get("sliding_window", 4096),

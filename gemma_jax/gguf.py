@@ -20,8 +20,10 @@ every check runs before any dequantization or write.
 
 from __future__ import annotations
 
+import mmap
 import os
 import pathlib
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from gemma_jax import checkpoint, params
-from gemma_jax.checkpoint_errors import CheckpointError, DestinationExistsError, ShapeMismatchError, SourceError
+from gemma_jax.checkpoint_errors import CheckpointError, ShapeMismatchError, SourceError
 from gemma_jax.config import GEMMA2, GEMMA3, ConfigError, GemmaConfig
 
 # GGUF `general.architecture` -> HF model_type.
@@ -69,6 +71,7 @@ def open_gguf(path: str | os.PathLike) -> Any:
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
         raise GGUFError(f"no GGUF file at {path}")
+    _check_header_lengths(path)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader fails with ValueError/IndexError/KeyError deep in numpy
@@ -81,6 +84,87 @@ def open_gguf(path: str | os.PathLike) -> Any:
         if t.data_offset + t.n_bytes > size:
             raise CorruptGGUFError(f"{path}: tensor {t.name!r} runs past the end of the file; it is truncated")
     return reader
+
+
+def _check_header_lengths(path: pathlib.Path) -> None:
+    """Walk the header and refuse any string, array or dimension list longer than the bytes left in the file.
+
+    `gguf.GGUFReader` builds one Python object per array element before checking anything, so a
+    53-byte file declaring 2^34 elements would take tens of GB; this walk reads only lengths.
+    A file without the GGUF magic is left to the reader, which names that problem.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF" or path.stat().st_size < _HEADER_BYTES:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            walk = _HeaderWalk(data, path)
+            walk.pos = 4
+            if walk.number("I", "version") & 0xFFFF == 0:  # written on a big-endian machine
+                walk.order = ">"
+            tensors, kvs = walk.number("Q", "tensor count"), walk.number("Q", "metadata count")
+            for _ in range(kvs):
+                key = f"metadata {walk.string('metadata key')!r}"
+                walk.value(walk.number("I", key), key)
+            for _ in range(tensors):
+                name = walk.string("tensor name")
+                walk.take(8 * walk.number("I", name), f"dimensions of tensor {name!r}")
+                walk.take(12, f"type and offset of tensor {name!r}")
+
+
+_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+_MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none deeper than 2
+
+
+class _HeaderWalk:
+    """A cursor over a GGUF header that checks each declared length against the bytes left."""
+
+    def __init__(self, data: mmap.mmap, path: pathlib.Path):
+        import gguf
+
+        t = gguf.GGUFValueType
+        self.string_type, self.array_type = t.STRING, t.ARRAY
+        self.sizes = {t.UINT8: 1, t.INT8: 1, t.BOOL: 1, t.UINT16: 2, t.INT16: 2, t.UINT32: 4, t.INT32: 4}
+        self.sizes |= {t.FLOAT32: 4, t.UINT64: 8, t.INT64: 8, t.FLOAT64: 8}
+        self.data, self.path, self.pos, self.order = data, path, 0, "<"
+
+    def need(self, nbytes: int, what: str) -> None:
+        left = len(self.data) - self.pos
+        if nbytes > left:
+            raise CorruptGGUFError(
+                f"{self.path}: {what} at byte {self.pos} needs {nbytes} bytes but the file has {left} left; "
+                "it is truncated, corrupt or crafted"
+            )
+
+    def take(self, nbytes: int, what: str) -> int:
+        """The offset of the next `nbytes` bytes, which must lie inside the file."""
+        self.need(nbytes, what)
+        self.pos += nbytes
+        return self.pos - nbytes
+
+    def number(self, fmt: str, what: str) -> int:
+        return struct.unpack_from(self.order + fmt, self.data, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        start = self.take(self.number("Q", what), what)
+        return bytes(self.data[start : self.pos]).decode("utf-8", "replace")
+
+    def value(self, kind: int, what: str, depth: int = 0) -> None:
+        if kind in self.sizes:
+            self.take(self.sizes[kind], what)
+        elif kind == self.string_type:
+            self.string(what)
+        elif kind == self.array_type:
+            if depth == _MAX_NESTING:
+                raise CorruptGGUFError(f"{self.path}: {what} nests arrays deeper than {_MAX_NESTING}; it is crafted")
+            item, count = self.number("I", what), self.number("Q", what)
+            if item in self.sizes:
+                self.take(count * self.sizes[item], f"{what} ({count} elements)")
+                return
+            self.need(count * 8, f"{what} ({count} elements)")  # a string or an array takes 8 bytes at least
+            for _ in range(count):
+                self.value(item, what, depth + 1)
+        else:
+            raise CorruptGGUFError(f"{self.path}: {what} has value type {kind}, which GGUF does not define")
 
 
 def architecture(reader: Any) -> str:
@@ -101,6 +185,8 @@ def hf_config(reader: Any) -> dict[str, Any]:
         return _field(reader, f"{arch}.{name}", _DEFAULTS[arch].get(name, default))
 
     hidden, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
+    if not isinstance(heads, int) or heads <= 0:  # before it divides the hidden size
+        raise CorruptGGUFError(f"GGUF metadata {arch}.attention.head_count is {heads!r}, not a positive integer")
     head_dim = key("attention.key_length", hidden // heads)
     hf: dict[str, Any] = {
         "model_type": ARCHITECTURES[arch],
@@ -303,9 +389,7 @@ def convert_gguf(
             f"dtype {dtype!r} is not supported for GGUF conversion; choose one of {list(DTYPES)} "
             "(for FP8, convert to bfloat16 and load with quant='weight_only' / --dtype fp8)"
         )
-    dst = pathlib.Path(dst).expanduser().absolute()
-    if dst.exists() and not overwrite:
-        raise DestinationExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    dst = checkpoint.check_destination(dst, overwrite, sources=[src])
     reader = open_gguf(src)
     config = read_config(reader)
     tensors = check_tensors(reader, config)

@@ -26,11 +26,12 @@ from safetensors import SafetensorError, safe_open
 from gemma_jax.checkpoint_errors import (
     CorruptSafetensorsError,
     HubDownloadError,
+    InvalidConfigError,
     MissingConfigError,
     SourceError,
     UnsupportedModelError,
 )
-from gemma_jax.config import SUPPORTED_MODEL_TYPES, GemmaConfig
+from gemma_jax.config import SUPPORTED_MODEL_TYPES, ConfigError, GemmaConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -115,7 +116,10 @@ def read_config(directory: pathlib.Path) -> GemmaConfig:
         raise UnsupportedModelError(
             f"{path} has model_type {model_type!r}; gemma_jax converts {list(SUPPORTED_MODEL_TYPES)} checkpoints only"
         )
-    return GemmaConfig.from_hf(hf)
+    try:
+        return GemmaConfig.from_hf(hf)
+    except ConfigError as e:
+        raise InvalidConfigError(f"{path}: {e}; fix config.json or re-download the checkpoint") from None
 
 
 def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:

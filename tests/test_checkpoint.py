@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -170,6 +171,11 @@ def test_hub_id_downloads_only_needed_files(hf_dirs, tmp_path, monkeypatch):
     np.testing.assert_array_equal(
         ck.load(dst)[1]["final_norm"]["scale"], hf_tensors(dirs["single"])["model.norm.weight"]
     )
+    snapshot = shutil.copytree(dirs["single"], dst / "snapshot")  # an HF cache inside the destination
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(snapshot))
+    with pytest.raises(errors.OverwriteRefusedError, match="holds the source"):
+        ck.convert_hf("owner/gemma-tiny", dst, overwrite=True, progress=False)
+    assert (snapshot / "model.safetensors").is_file() and ck.is_checkpoint(dst)
 
 
 def test_hub_id_offline_says_to_pass_a_directory(tmp_path, monkeypatch):
@@ -249,17 +255,123 @@ def test_missing_shard_named_by_index(hf_dirs, tmp_path):
 
 def test_existing_destination_needs_overwrite(hf_dirs, converted, tmp_path):
     src = hf_dirs[0]["single"]
-    dst = tmp_path / "dst"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("precious")
+    dst = shutil.copytree(converted["sharded"], tmp_path / "dst")
     with pytest.raises(errors.DestinationExistsError, match="--overwrite"):
         ck.convert_hf(src, dst, progress=False)
     with pytest.raises(errors.DestinationExistsError):
         ck.export_hf(converted["single"], dst, progress=False)
-    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert ck.load(dst)[0] == CONFIGS["sharded"]
     ck.convert_hf(src, dst, dtype="float32", overwrite=True, progress=False)
-    assert ck.is_checkpoint(dst) and not (dst / "keep.txt").exists()
+    assert ck.load(dst)[0] == CONFIGS["single"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def _tree(root: pathlib.Path) -> dict[str, int]:
+    """Every path under `root` with its size: equal before and after means nothing was touched."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
+
+
+def test_overwrite_replaces_only_an_output_of_the_same_kind(hf_dirs, converted, tmp_path):
+    src, ckpt_src = hf_dirs[0]["single"], converted["single"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("precious")
+    (tmp_path / "file.txt").write_text("precious")
+    ckpt = shutil.copytree(converted["sharded"], tmp_path / "ckpt")
+    export = ck.export_hf(ckpt_src, tmp_path / "export", progress=False)
+    hf = shutil.copytree(src, tmp_path / "hf")
+    assert ck.is_hf_export(export) and not ck.is_hf_export(hf) and not ck.is_hf_export(ckpt)
+    staged = shutil.copytree(src, tmp_path / "new.incomplete")  # the staging path a write to `new` clears
+    before = _tree(tmp_path)
+    with pytest.raises(errors.OverwriteRefusedError, match=r"new\.incomplete is the source"):
+        ck.convert_hf(staged, tmp_path / "new", progress=False)
+    for dst in (foreign, tmp_path / "file.txt", export):
+        with pytest.raises(errors.OverwriteRefusedError, match=f"{dst}: it is not a complete gemma_jax checkpoint"):
+            ck.convert_hf(src, dst, overwrite=True, progress=False)
+    for dst in (foreign, tmp_path / "file.txt", ckpt, hf):
+        with pytest.raises(errors.OverwriteRefusedError, match="not a complete HF export written by gemma_jax"):
+            ck.export_hf(ckpt_src, dst, overwrite=True, progress=False)
+    assert _tree(tmp_path) == before
+    ck.convert_hf(src, ckpt, dtype="float32", overwrite=True, progress=False)
+    ck.export_hf(ckpt_src, export, dtype="bfloat16", overwrite=True, progress=False)
+    assert ck.load(ckpt)[0] == CONFIGS["single"]
+    assert hf_tensors(export)["model.norm.weight"].dtype == ml_dtypes.bfloat16 and ck.is_hf_export(export)
+
+
+def _overlapping(kind: str, src: pathlib.Path, made: pathlib.Path, root: pathlib.Path) -> tuple[pathlib.Path, ...]:
+    """(source, destination) where the destination is the source, holds it or lies inside it, and is
+    otherwise an output `--overwrite` may replace (`made`, a copy of one), so only the overlap stops it."""
+    if kind == "same":
+        return (shutil.copytree(made, root / "x"),) * 2
+    if kind == "parent":
+        dst = shutil.copytree(made, root / "dst")
+        return shutil.copytree(src, dst / "src"), dst
+    inside = shutil.copytree(src, root / "src")
+    return inside, shutil.copytree(made, inside / "dst")
+
+
+@pytest.mark.parametrize(("kind", "relation"), [("same", "is"), ("parent", "holds"), ("child", "lies inside")])
+def test_overwrite_never_touches_the_source(hf_dirs, converted, tmp_path, capsys, kind, relation):
+    hf_to_orbax, orbax_to_hf = _clis()
+    export = ck.export_hf(converted["single"], tmp_path / "made" / "export", progress=False)
+    cases = {
+        "hf": (hf_to_orbax, hf_dirs[0]["single"], converted["single"]),
+        "export": (orbax_to_hf, converted["single"], export),
+    }
+    for name, (cli, src, made) in cases.items():
+        made = src if kind == "same" else made  # "same": the source itself is the destination
+        root = tmp_path / name
+        src, dst = _overlapping(kind, src, made, root)
+        before = _tree(root)
+        assert cli.main([str(src), str(dst), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert f"error: refusing to write {dst}: {dst} {relation} the source {src.resolve()}" in err, err
+        assert "Traceback" not in err and _tree(root) == before
+
+
+def test_unwritable_destination_is_named_before_any_work(hf_dirs, converted, tmp_path, capsys, monkeypatch):
+    hf_to_orbax, orbax_to_hf = _clis()
+    (tmp_path / "file.txt").write_text("not a directory")
+    under_file = tmp_path / "file.txt" / "out"
+    assert hf_to_orbax.main([str(hf_dirs[0]["single"]), str(under_file)]) == 1
+    assert f"error: cannot create {under_file}: {tmp_path / 'file.txt'} is a file" in capsys.readouterr().err
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access  # root ignores chmod: the read-only directory is os.access saying so
+    monkeypatch.setattr(os, "access", lambda p, mode: pathlib.Path(p) != read_only and real_access(p, mode))
+    assert orbax_to_hf.main([str(converted["single"]), str(read_only / "hf" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot create {read_only / 'hf' / 'out'}: {read_only} is not writable" in err
+    assert "Traceback" not in err and list(read_only.iterdir()) == []
+
+
+def test_write_failure_midway_is_named_and_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "_copy_tokenizer", disk_full)
+    with pytest.raises(errors.CheckpointError, match=r"could not write .*/dst: \[Errno 28\] No space left"):
+        ck.convert_hf(hf_dirs[0]["single"], tmp_path / "dst", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+CONFIG_ERRORS = {
+    "layer_types": ({"num_hidden_layers": 3}, r"layer_types has 4 entries but num_hidden_layers is 3"),
+    "heads": ({"num_attention_heads": 0}, r"num_attention_heads must be a positive integer, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
+def test_invalid_config_is_named_without_a_traceback(hf_dirs, tmp_path, capsys, case):
+    edit, message = CONFIG_ERRORS[case]
+    src = shutil.copytree(hf_dirs[0]["single"], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | edit))
+    hf_to_orbax, _ = _clis()
+    assert hf_to_orbax.main([str(src), str(tmp_path / "dst")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"error: {src / 'config.json'}: {message}; fix config.json", err), err
+    assert "Traceback" not in err and not (tmp_path / "dst").exists()
 
 
 def test_load_refuses_what_is_not_a_checkpoint(converted, tmp_path):
@@ -316,13 +428,18 @@ def test_sigkill_midway_leaves_no_checkpoint_and_rerun_succeeds(hf_dirs, convert
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_cli_round_trip_and_error_exit(hf_dirs, tmp_path, capsys):
+def _clis():
     sys.path.insert(0, str(REPO / "convert"))
     try:
         import hf_to_orbax
         import orbax_to_hf
     finally:
         sys.path.remove(str(REPO / "convert"))
+    return hf_to_orbax, orbax_to_hf
+
+
+def test_cli_round_trip_and_error_exit(hf_dirs, tmp_path, capsys):
+    hf_to_orbax, orbax_to_hf = _clis()
     src = hf_dirs[0]["single"]
     assert hf_to_orbax.main([str(src), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
     assert "converted 46 tensors" in capsys.readouterr().err

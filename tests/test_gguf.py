@@ -8,8 +8,13 @@ transformers' own GGUF loader on the same file. The real 270M file is in test_re
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import pathlib
+import shutil
+import struct
+import subprocess
 import sys
+import threading
 import types
 
 import jax.numpy as jnp
@@ -247,6 +252,89 @@ def test_missing_file_existing_destination_and_unsupported_dtype(case, tmp_path)
     (tmp_path / "out").mkdir()
     with pytest.raises(DestinationExistsError, match="overwrite"):
         gj_gguf.convert_gguf(case.f32, tmp_path / "out")
+
+
+def _crafted(path: pathlib.Path, kv: bytes, tensors: int = 0) -> pathlib.Path:
+    """A GGUF v3 header with one metadata entry `kv` (key 'a') and `tensors` declared tensors, padded to 53 bytes."""
+    data = b"GGUF" + struct.pack("<IQQ", 3, tensors, 1) + struct.pack("<Q", 1) + b"a" + kv
+    path.write_bytes(data.ljust(53, b"\0"))
+    return path
+
+
+UINT8, STRING, ARRAY = 0, 8, 9
+CRAFTED = {  # each declares far more bytes than the file holds
+    "uint8_array": (struct.pack("<IIQ", ARRAY, 0, 2**34), 0, r"metadata 'a' \(17179869184 elements\)"),
+    "string_array": (struct.pack("<IIQ", ARRAY, STRING, 2**40), 0, r"metadata 'a' \(1099511627776 elements\)"),
+    "string": (struct.pack("<IQ", STRING, 2**62), 0, r"metadata 'a' at byte 45 needs 4611686018427387904 bytes"),
+    "tensor_dims": (
+        struct.pack("<IB", UINT8, 7) + struct.pack("<Q", 1) + b"t" + struct.pack("<I", 2**31),
+        1,
+        "of tensor 't'",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CRAFTED))
+def test_crafted_lengths_are_refused_before_the_reader_reads_them(kind, tmp_path, capsys, monkeypatch):
+    kv, tensors, message = CRAFTED[kind]
+    src = _crafted(tmp_path / "crafted.gguf", kv, tensors)
+    assert src.stat().st_size == 53
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path: pytest.fail("the reader ran on a crafted header"))
+    with pytest.raises(gj_gguf.CorruptGGUFError, match=message):
+        gj_gguf.convert_gguf(src, tmp_path / "out")
+    assert gguf_to_orbax.main([str(src), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "truncated, corrupt or crafted" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_zero_heads_is_named_without_a_traceback(tmp_path, capsys):
+    w = gguf.GGUFWriter(tmp_path / "zero.gguf", "gemma3")
+    w.add_block_count(2)
+    w.add_embedding_length(64)
+    w.add_head_count(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert gguf_to_orbax.main([str(tmp_path / "zero.gguf"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: GGUF metadata gemma3.attention.head_count is 0, not a positive integer" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_crafted_array_fails_fast_with_small_memory(tmp_path):
+    """The CLI on the 53-byte file with one array of 2^34 uint8 (formerly 12 GB RSS and no end)."""
+    src = _crafted(tmp_path / "crafted.gguf", CRAFTED["uint8_array"][0])
+    script = pathlib.Path(gguf_to_orbax.__file__)
+    proc = subprocess.Popen([sys.executable, str(script), str(src), str(tmp_path / "out")], stderr=subprocess.PIPE)
+    timer = threading.Timer(120, proc.kill)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    assert os.waitstatus_to_exitcode(status) == 1, proc.stderr.read()
+    assert b"17179869184 elements" in proc.stderr.read()
+    assert usage.ru_maxrss < 1_500_000  # KiB: the interpreter and jax, nothing per element
+
+
+def test_overwrite_never_replaces_the_gguf_or_a_directory_holding_it(case, tmp_path, capsys):
+    src = shutil.copyfile(case.f32, tmp_path / "model.gguf")
+    holder = gj_gguf.convert_gguf(src, tmp_path / "holder", progress=False)
+    src = shutil.move(src, holder / src.name)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    expected = {
+        src: f"{src}: {src} is the source {src}",
+        holder: f"{holder}: {holder} holds the source {src}",
+        foreign: f"overwrite {foreign}: it is not a complete gemma_jax checkpoint",
+    }
+    for dst, message in expected.items():
+        assert gguf_to_orbax.main([str(src), str(dst), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert src.read_bytes() == case.f32.read_bytes() and checkpoint.is_checkpoint(holder)
+    assert list(foreign.iterdir()) == []
 
 
 # ---- the embedded default model's cache logic (the real package's files are used in test_real_model.py)

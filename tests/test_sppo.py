@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +159,69 @@ def test_missing_column_is_named(tiny_tokenizer, tmp_path):
     path = data.write_rows(tmp_path / "p.jsonl", [{"text": "a"}])
     with pytest.raises(ValueError, match="no column 'prompt'"):
         data.load_prompts(str(path))
+
+
+GOOD_ROW = preference.pair_row("p", ["a", "b"], preference.bradley_terry([1.0, 0.0]))
+
+
+def _jsonl(lines: list[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def _row(**changes) -> str:
+    return json.dumps(GOOD_ROW | changes)
+
+
+BAD_DATA = {  # file contents -> the error naming file, line and column
+    "json_line_11": (
+        _jsonl([_row()] * 5 + [""] + [_row()] * 4 + ['{"chosen": [}']),
+        r"line 11, column 13: invalid JSON",
+    ),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\xff", r"line 1: not UTF-8 text \(byte 1\); is it a binary file\?"),
+    "not_an_object": (_jsonl([_row(), "[1, 2]"]), r"line 2: expected a JSON object \(one row\), got list"),
+    "chosen_string": (_jsonl([_row(chosen="hi")]), r"line 1, column 'chosen': expected a list of messages"),
+    "null_content": (
+        _jsonl([_row(rejected=[{"role": "user", "content": "p"}, {"role": "assistant", "content": None}])]),
+        r"line 1, column 'rejected': the 'assistant' message's content must be a string, got None",
+    ),
+    "no_assistant": (
+        _jsonl([_row(chosen=[{"role": "user", "content": "p"}])]),
+        r"line 1, column 'chosen': no 'assistant' message",
+    ),
+    "string_prob": (_jsonl([_row(), _row(chosen_probs="0.5")]), r"line 2, column 'chosen_probs': .* got '0\.5'"),
+    "nan_prob": (_jsonl([_row(chosen_probs_win=float("nan"))]), r"line 1, column 'chosen_probs_win': .* got nan"),
+    "inf_prob": (_jsonl([_row(chosen_probs_lose=float("inf"))]), r"line 1, column 'chosen_probs_lose': .* got inf"),
+    "above_one": (
+        _jsonl([_row(chosen_probs=5.0)]),
+        r"line 1, column 'chosen_probs': expected a probability in \[0, 1\], got 5\.0",
+    ),
+    "negative": (_jsonl([_row(chosen_probs_win=-3.0)]), r"line 1, column 'chosen_probs_win': .* got -3\.0"),
+    "bool_prob": (_jsonl([_row(chosen_probs=True)]), r"line 1, column 'chosen_probs': .* got True"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_training_data_is_named_by_file_line_and_column(tmp_path, capsys, case):
+    content, message = BAD_DATA[case]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    # the data is checked before the model loads: a model that does not exist is never reached
+    args = ["train", "--model", str(tmp_path / "no-model"), "--data", str(path), "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^error: {re.escape(str(path))}, {message}", err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_good_rows_pass_and_parquet_rows_are_named_by_index(tmp_path):
+    pytest.importorskip("pyarrow")
+    data.check_pairs(data.read_rows(data.write_rows(tmp_path / "ok.jsonl", [GOOD_ROW, GOOD_ROW | {"chosen_probs": 1}])))
+    path = data.write_rows(tmp_path / "t.parquet", [GOOD_ROW, GOOD_ROW | {"chosen_probs": 1.5}])
+    with pytest.raises(ValueError, match=r"t\.parquet, row 1, column 'chosen_probs': .* got 1\.5"):
+        data.check_pairs(data.read_rows(path))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"bad\.parquet: not a readable parquet file"):
+        data.read_rows(tmp_path / "bad.parquet")
 
 
 def test_parquet_round_trip(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -105,6 +106,51 @@ def test_killed_run_resumes_with_the_same_losses(rows, tiny_tokenizer, tmp_path,
     np.testing.assert_allclose(
         _get(gj.params_of(resumed.model), kernel), _get(gj.params_of(uninterrupted.model), kernel)
     )
+
+
+def _logged_steps(run_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / sppo_train.METRICS).read_text().splitlines()]
+
+
+def test_resume_after_a_crash_between_saves_logs_each_step_once(rows, tiny_tokenizer, tmp_path, uninterrupted):
+    """Steps 1-3 run, 2 saved, a crash: the rerun repeats step 3 and metrics.jsonl keeps one line per step."""
+    cfg = dataclasses.replace(RESUME_CFG, save_every=2)
+
+    def die(step, metrics):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        sppo_train.train(tiny_model(tiny_tokenizer.vocab_size), tiny_tokenizer, rows, tmp_path, cfg, on_step=die)
+    with open(tmp_path / sppo_train.METRICS, "a") as f:
+        f.write('{"step": 4, "loss"')  # a line cut short by kill -9
+    resumed = sppo_train.train(tiny_model(tiny_tokenizer.vocab_size), tiny_tokenizer, rows, tmp_path, cfg)
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    assert _logged_steps(tmp_path) == [1, 2, 3, 4]
+    assert resumed.history[0]["loss"] == pytest.approx(uninterrupted.history[2]["loss"], rel=1e-6)
+
+
+def test_non_finite_loss_stops_before_saving_and_the_last_save_resumes(
+    rows, tiny_tokenizer, tmp_path, uninterrupted, monkeypatch
+):
+    cfg = dataclasses.replace(RESUME_CFG, save_every=1)
+    real_batch = sppo_train._step_batch
+
+    def poisoned(dataset, ref_table, cfg, step):  # step 3's probabilities are NaN (the data check is bypassed)
+        batch = real_batch(dataset, ref_table, cfg, step)
+        if step == 2:
+            batch["probs"] = np.full_like(batch["probs"], np.nan)
+        return batch
+
+    monkeypatch.setattr(sppo_train, "_step_batch", poisoned)
+    with pytest.raises(sppo_train.NonFiniteError, match=r"step 3: the loss is nan .* last saved state \(step 2\)"):
+        sppo_train.train(tiny_model(tiny_tokenizer.vocab_size), tiny_tokenizer, rows, tmp_path, cfg)
+    assert _logged_steps(tmp_path) == [1, 2]
+    monkeypatch.setattr(sppo_train, "_step_batch", real_batch)
+    resumed = sppo_train.train(tiny_model(tiny_tokenizer.vocab_size), tiny_tokenizer, rows, tmp_path, cfg)
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    for a, b in zip(uninterrupted.history[2:], resumed.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
 def _get(tree, path):

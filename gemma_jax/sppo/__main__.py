@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from gemma_jax import checkpoint, sharding
 from gemma_jax.sampler import Sampler
 from gemma_jax.sppo import lora
-from gemma_jax.sppo.data import load_prompts, read_rows, require_columns, write_rows
+from gemma_jax.sppo.data import check_pairs, load_prompts, read_rows, require_columns, write_rows
 from gemma_jax.sppo.judge import JudgeScorer
 from gemma_jax.sppo.preference import PairRMScorer, RewardScorer, Scorer, reward_from_spec
 from gemma_jax.sppo.selfplay import sample_responses, score_samples
@@ -91,10 +91,12 @@ def score(
 
 
 def train_step(args: argparse.Namespace, model_dir: str, data: pathlib.Path, run_dir: pathlib.Path) -> pathlib.Path:
+    cfg = train_config(args)
+    rows = read_rows(data)
+    check_pairs(rows, str(data))  # a bad row fails before the model loads
     mesh = _mesh(args)
     path, model, tokenizer = _load(model_dir, args.dtype, mesh)
-    cfg = train_config(args)
-    result = train(model, tokenizer, read_rows(data), run_dir, cfg, source=str(data), mesh=mesh)
+    result = train(model, tokenizer, rows, run_dir, cfg, source=str(data), mesh=mesh)
     out = checkpoint.save(
         run_dir / "checkpoint",
         model.config,

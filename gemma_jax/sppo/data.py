@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import pathlib
+import reprlib
 import tempfile
 from collections.abc import Sequence
 
@@ -33,17 +35,61 @@ PROB_COLUMNS = COLUMNS[2:]
 # ---------------------------------------------------------------- files
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """All rows of a .jsonl or .parquet file as dicts."""
+class Rows(list):
+    """Rows of a file that remember where each came from, so an error names the file and the line."""
+
+    def __init__(self, rows: Sequence[dict], source: str, lines: Sequence[int] | None = None):
+        super().__init__(rows)
+        self.source, self.lines = source, lines
+
+    def where(self, i: int) -> str:
+        return f"{self.source}, line {self.lines[i]}" if self.lines is not None else f"{self.source}, row {i}"
+
+
+def where(rows: Sequence[dict], i: int, source: str) -> str:
+    """Row `i` as a user finds it: file and line for rows read from JSONL, else its index."""
+    return rows.where(i) if isinstance(rows, Rows) else f"{source}, row {i}"
+
+
+def read_rows(path: str | os.PathLike) -> Rows:
+    """All rows of a .jsonl or .parquet file as dicts; unreadable input is named by file and line."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {str(path)!r}")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _read_jsonl(path)
     if path.suffix == ".parquet":
-        return _pyarrow().parquet.read_table(path).to_pylist()
+        pa = _pyarrow()
+        try:
+            table = pa.parquet.read_table(path)
+        except pa.ArrowException as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+        return Rows(table.to_pylist(), str(path))
     raise ValueError(f"{str(path)!r}: expected a .jsonl or .parquet file")
+
+
+def _read_jsonl(path: pathlib.Path) -> Rows:
+    rows, lines = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {number}: not UTF-8 text (byte {e.start + 1}); is it a binary file? "
+                    "Expected JSON Lines: one JSON object per line"
+                ) from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}, column {e.colno}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object (one row), got {type(row).__name__}")
+            rows.append(row)
+            lines.append(number)
+    return Rows(rows, str(path), lines)
 
 
 def write_rows(path: str | os.PathLike, rows: Sequence[dict]) -> pathlib.Path:
@@ -84,7 +130,36 @@ def require_columns(rows: Sequence[dict], columns: Sequence[str], source: str) -
     for i, row in enumerate(rows):
         missing = [c for c in columns if c not in row]
         if missing:
-            raise ValueError(f"{source}: row {i} has no column {missing[0]!r} (columns: {sorted(row)})")
+            raise ValueError(f"{where(rows, i, source)}: no column {missing[0]!r} (columns: {sorted(row)})")
+
+
+def check_pairs(rows: Sequence[dict], source: str = "data") -> None:
+    """Every row a preference pair, before any tokenizing or training: `chosen` holds a user and an
+    assistant message, `rejected` an assistant one, each content a string, and each probability a
+    finite number in [0, 1] (a NaN here would train to NaN weights). Names file, line and column."""
+    require_columns(rows, COLUMNS, source)
+    for i, row in enumerate(rows):
+        at = where(rows, i, source)
+        for column, roles in (("chosen", ("user", "assistant")), ("rejected", ("assistant",))):
+            _check_conversation(row[column], roles, f"{at}, column {column!r}")
+        for column in PROB_COLUMNS:
+            value = row[column]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+                raise ValueError(f"{at}, column {column!r}: expected a probability in [0, 1], got {value!r}")
+
+
+def _check_conversation(conversation: object, roles: Sequence[str], at: str) -> None:
+    if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
+        raise ValueError(
+            f"{at}: expected a list of messages [{{'role': 'user', 'content': ...}}, "
+            f"{{'role': 'assistant', 'content': ...}}], got {reprlib.repr(conversation)}"
+        )
+    for role in roles:
+        message = next((m for m in conversation if m.get("role") == role), None)
+        if message is None:
+            raise ValueError(f"{at}: no {role!r} message in {reprlib.repr(conversation)}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"{at}: the {role!r} message's content must be a string, got {message.get('content')!r}")
 
 
 def load_prompts(source: str, *, column: str = "prompt", split: str = "train", limit: int | None = None) -> list[str]:
@@ -207,7 +282,7 @@ def build_dataset(
     source: str = "data",
 ) -> PairDataset:
     """Tokenize rows with the reference's columns (chosen/rejected as [user, assistant] message lists)."""
-    require_columns(rows, COLUMNS, source)
+    check_pairs(rows, source)
     pairs = [
         tokenize_pair(
             tokenizer,

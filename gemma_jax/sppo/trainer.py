@@ -8,7 +8,9 @@ per scanned layer group; trainable weights in `param_dtype` with the optimizer s
 Reference log-probs are computed once before the first step and stored in the run directory (they
 depend only on pi_t and the data), unless `reference_on_the_fly`. The train state and the data
 position are saved with an Orbax CheckpointManager; a run killed at any step resumes from the last
-save and replays exactly the same batches, so its losses equal those of an uninterrupted run.
+save and replays exactly the same batches, so its losses equal those of an uninterrupted run, and
+metrics.jsonl logs each step once. A NaN or infinite loss or gradient stops the run before that
+step is saved, so the last saved state stays a good one.
 """
 
 from __future__ import annotations
@@ -121,6 +123,10 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
             eps_in_sqrt=False,
         ),
     )
+
+
+class NonFiniteError(ValueError):
+    """A step's loss or gradient is NaN or infinite; raised before that step's state can be saved."""
 
 
 @dataclasses.dataclass
@@ -352,6 +358,7 @@ def train(
         log.info("resumed from step %d of %d", start, total)
 
     step_fn = _cached_train_step(graphdef, cfg, total)
+    _drop_metrics_after(run_dir / METRICS, start)
     history: list[dict] = []
     try:
         with (
@@ -364,6 +371,13 @@ def train(
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, frozen, ref_params, _place(batch, mesh, 1))
                 metrics = {k: float(v) for k, v in metrics.items()}
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    raise NonFiniteError(
+                        f"step {step + 1}: the loss is {metrics['loss']} and the gradient norm "
+                        f"{metrics['grad_norm']}; training stopped before saving this step. The last saved "
+                        f"state (step {manager.latest_step() or 'none'}) in {manager.directory} is intact: check "
+                        "the data's probabilities and log-probs, or lower --learning-rate, then rerun to resume"
+                    )
                 seconds = time.perf_counter() - t0
                 metrics.update(
                     step=step + 1,
@@ -393,6 +407,27 @@ def train(
     if cfg.lora_rank:
         lora_lib.merge_lora(model)
     return TrainResult(model, history)
+
+
+def _drop_metrics_after(path: pathlib.Path, step: int) -> None:
+    """Keep the logged steps up to `step`, where the run resumes: the steps after it (run before a crash,
+    never saved) are run and logged again. A line cut by a kill is dropped too. Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> float:
+    """The step a metrics line logs; infinity for a line a kill cut short (never kept)."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _shard(trainable: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
