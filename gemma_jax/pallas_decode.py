@@ -127,7 +127,7 @@ def decode_gpu(
     """Decode attention on GPU (Pallas Triton): [B, N, H] in q's dtype.
 
     Each (row, kv head) splits its own filled blocks over `splits` programs, so a short batch still fills
-    the GPU; `block` (keys per step) must be a power of 2 >= 16, and is lowered to fit small caches.
+    the GPU; `block` (keys per step) must be a power of 2 >= 16, and shrinks to fit a small cache.
     """
     size = cache.size
     block = min(block, 1 << (size.bit_length() - 1))  # a power of 2 no larger than the cache
