@@ -1,0 +1,113 @@
+"""The Pallas decode kernels (interpret mode on the CPU) equal blockwise.attend for one new token per row."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_jax import blockwise, kv_cache, pallas_decode
+from gemma_jax.kv_cache import EMPTY, LayerCache
+
+B, N, K, H = 3, 4, 2, 16  # G = 2 query heads per kv head
+SCALE, CAP = H**-0.5, 5.0  # a cap small enough to bend the scores
+LAYERS, LAYER = 3, 1
+
+KERNELS = {
+    # Two splits, so rows spread over both and some splits get no block.
+    "gpu": lambda *a, block, **kw: pallas_decode.decode_gpu(*a, block=block, splits=2, interpret=True, **kw),
+    "tpu": lambda *a, block, **kw: pallas_decode.decode_tpu(*a, block=block, interpret=True, **kw),
+}
+
+# name: (q_pos per row (the decode token's position, already written), cache size, window, block, cap, stacked)
+CASES = {
+    # rows of different lengths, a free (EMPTY) row, and the last block shared with the one before (80 = 64 + 16)
+    "ragged-free-row": ([13, EMPTY, 70], 80, None, 32, CAP, False),
+    # fills of 32 (a block boundary) and one either side, in layer 1 of a stacked cache of 3 (a view)
+    "block-boundary-stacked": ([31, 30, 32], 64, None, 16, CAP, True),
+    # a sliding window in a ring of 32 slots: two rows wrapped, one not yet full; no cap
+    "ring-wrapped": ([70, 40, 9], 32, 32, 16, None, False),
+    # the last slot, the first slot only, one past a boundary; a window wider than the cache (short cache_length)
+    "window-past-cache": ([95, 0, 64], 96, 128, 32, CAP, False),
+}
+
+
+def filled_cache(rng, q_pos, size, window, dtype, stacked):
+    """A cache holding positions 0..q_pos of each row, written as one left-padded prefill (rings keep the last)."""
+    t = max(max(q_pos) + 1, 1)
+    positions = np.full((B, t), EMPTY, np.int32)
+    for r, p in enumerate(q_pos):
+        positions[r, t - p - 1 :] = np.arange(p + 1)
+    lead = (LAYERS,) if stacked else ()
+    # Other layers (and unwritten slots of a stacked cache) hold noise: reading them would show.
+    fill = rng.standard_normal if stacked else np.zeros
+    cache = LayerCache(
+        k=jnp.asarray(fill((*lead, B, K, H, size)), dtype),
+        v=jnp.asarray(fill((*lead, B, K, size, H)), dtype),
+        positions=jnp.full((*lead, B, size), EMPTY, jnp.int32),
+    )
+    if stacked:
+        cache = cache.view(jnp.int32(LAYER))
+    k, v = (jnp.asarray(rng.standard_normal((B, t, K, H)), dtype) for _ in range(2))
+    return kv_cache.write(cache, k, v, jnp.asarray(positions), ring=window is not None)
+
+
+def run(kernel, q_pos, size, window, block, cap, stacked, dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    cache = filled_cache(rng, q_pos, size, window, dtype, stacked)
+    q = jnp.asarray(rng.standard_normal((B, N, H)) * 3, dtype)
+    pos = jnp.asarray(q_pos, jnp.int32)
+    got = KERNELS[kernel](q, pos, cache, window=window, scale=SCALE, cap=cap, block=block)
+    none = jnp.zeros((B, 0, K, H), dtype)
+    want = blockwise.attend(q[:, None], pos[:, None], none, none, cache, window=window, scale=SCALE, cap=cap)[:, 0]
+    assert got.shape == q.shape and got.dtype == q.dtype
+    return np.asarray(got, np.float32), np.asarray(want, np.float32)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("name", CASES)
+def test_kernel_equals_blockwise(kernel, name):
+    got, want = run(kernel, *CASES[name])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    free = np.asarray(CASES[name][0]) == EMPTY
+    assert not got[free].any()  # a free row attends to nothing
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bfloat16(kernel):
+    got, want = run(kernel, [100, 5, 33], 64, 64, 16, CAP, False, dtype=jnp.bfloat16)
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(("backend", "marker"), [("gpu", "triton"), ("tpu", "tpu_custom_call")])
+def test_lowers_for_its_backend(backend, marker):
+    """Each kernel lowers for its platform (Triton IR / Mosaic) at model-like shapes; compiling needs the device."""
+    cache = LayerCache(
+        k=jnp.zeros((LAYERS, 2, 4, 128, 1000), jnp.bfloat16),
+        v=jnp.zeros((LAYERS, 2, 4, 1000, 128), jnp.bfloat16),
+        positions=jnp.zeros((LAYERS, 2, 1000), jnp.int32),
+        layer=jnp.int32(LAYER),
+    )
+    kernel = pallas_decode.backend_kernel(backend)
+
+    def f(q, q_pos, cache):
+        return kernel(q, q_pos, cache, window=512, scale=0.1, cap=50.0)
+
+    platform = {"gpu": "cuda"}.get(backend, backend)
+    q, q_pos = jnp.zeros((2, 8, 128), jnp.bfloat16), jnp.zeros((2,), jnp.int32)
+    lowered = jax.jit(f).trace(q, q_pos, cache).lower(lowering_platforms=(platform,))
+    assert marker in lowered.as_text()
+
+
+def test_backend_kernel():
+    assert pallas_decode.backend_kernel("gpu") is pallas_decode.decode_gpu
+    assert pallas_decode.backend_kernel("tpu") is pallas_decode.decode_tpu
+    assert pallas_decode.backend_kernel("cpu") is None
+    cache = LayerCache(
+        k=jnp.zeros((1, 1, 16, 16)), v=jnp.zeros((1, 1, 16, 16)), positions=jnp.zeros((1, 16), jnp.int32)
+    )
+    with pytest.raises(ValueError, match="no Pallas decode kernel"):
+        pallas_decode.decode(
+            jnp.zeros((1, 1, 16)), jnp.zeros((1,), jnp.int32), cache, window=None, scale=1.0, cap=None, backend="cpu"
+        )
