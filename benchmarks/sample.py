@@ -1,15 +1,13 @@
 """Sampling benchmark: prefill and decode tokens/s and KV-cache bytes of gemma_jax's Sampler vs HF `generate`.
 
     python benchmarks/sample.py [--prompt 128] [--new 32] [--repeats 2]
-    python benchmarks/sample.py --preset gemma2_9b --random-weights [--prompt 1024] [--new 256]   # on a GPU/TPU
 
 Default: float32 random weights on the default backend, for the tiny test config and a 2-layer slice of
 the gemma-2-2b shape (32k vocab), each next to HF transformers (eager, same weights) on the same machine.
 Prefill and decode are timed apart: ours with the Sampler's pieces (prefill / start / decode), HF's
 with a logits processor that timestamps each step of one generate(1 + new) call; batch 1 and 8,
 greedy. Ratios are gemma_jax / HF (higher is faster); cache bytes are ours (preallocated for prompt +
-new) and HF's after generation. `--preset NAME --random-weights` runs only gemma_jax, in
-bfloat16, and compares decode against the memory-bandwidth floor (weights + cache read once per step).
+new) and HF's after generation. The 9B shape on an accelerator: `python benchmarks/attention.py --parts gpu`.
 """
 
 from __future__ import annotations
@@ -23,22 +21,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import gemma_jax as gj
 from gemma_jax import tokenizer as tokenizer_lib
 from gemma_jax.sampler import NO_TOKEN, Sampler
 from gemma_jax.sampling import SamplingParams
-
-# HBM bandwidth, bytes/s, by device kind (public spec sheets); unknown kinds print no floor.
-BANDWIDTH = {
-    "H100": 3.35e12,
-    "H200": 4.8e12,
-    "A100": 2.0e12,
-    "TPU v4": 1.2e12,
-    "TPU v5 lite": 8.2e11,
-    "TPU v5p": 2.76e12,
-}
 
 
 def demo_tokenizer(directory: pathlib.Path) -> tokenizer_lib.Tokenizer:
@@ -65,9 +52,8 @@ def bench_ours(sampler: Sampler, config, batch: int, length: int, new: int, repe
     greedy = SamplingParams.create(batch)
     prefill_s, decode_s, decoded = float("inf"), float("inf"), 0
     for _ in range(repeats + 1):  # the first run compiles
-        cache = jax.block_until_ready(sampler.new_cache(batch))
-        t0 = time.perf_counter()
-        logits, cache = jax.block_until_ready(sampler.prefill(cache, ids))
+        t0 = time.perf_counter()  # creating the cache is part of a request's prefill, as in `generate`
+        logits, cache = jax.block_until_ready(sampler.prefill(sampler.new_cache(batch), ids))
         t1 = time.perf_counter()
         dstate = jax.block_until_ready(sampler.start(logits, ids, 1 + new, greedy, seed=0))
         t2, decoded = time.perf_counter(), 0
@@ -150,48 +136,14 @@ def compare(args, tmp: pathlib.Path) -> None:
                 print(f"{name:<28} {batch:>5} {metric + ' ' + unit:<10} {a:>12.4g} {b:>12.4g} {ratio:>6.2f}x")
 
 
-def big(args, tmp: pathlib.Path) -> None:
-    """One preset with random bf16 weights: tokens/s and the bandwidth floor of decode."""
-    config = gj.preset(args.preset)
-    t0 = time.perf_counter()
-    model = gj.Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-    print(f"{args.preset}: {param_bytes / 1e9:.2f} GB bf16 params, init {time.perf_counter() - t0:.0f}s")
-    kind = jax.devices()[0].device_kind
-    bandwidth = next((bw for k, bw in BANDWIDTH.items() if k in kind), None)
-    tok = demo_tokenizer(tmp)
-    model.embedder.embedding.set_value(never_stop(model.embedder.embedding.get_value(), tok.stop_ids))
-    # chunks of 1024: batch 8 x 16 heads x 1024 x (16k + 1024) float32 scores is 9 GB beside 28 GB of cache
-    sampler = Sampler(model, tok, cache_length=args.cache_length, prefill_chunk=1024)
-    print(f"device {kind}, cache_length {args.cache_length}, prompt {args.prompt}, {args.new} new tokens")
-    for batch in (1, 8):
-        r = bench_ours(sampler, config, batch, args.prompt, args.new, args.repeats)
-        step_s = batch / r["decode"]
-        line = (
-            f"batch {batch}: prefill {r['prefill']:.0f} tok/s, decode {r['decode']:.1f} tok/s "
-            f"({step_s * 1e3:.1f} ms/step), cache {r['cache'] / 1e9:.2f} GB"
-        )
-        if bandwidth:
-            floor = (param_bytes + r["cache"]) / bandwidth  # every weight and cache slot read once per step
-            line += f", bandwidth floor {floor * 1e3:.1f} ms/step ({floor / step_s:.0%} of it reached)"
-        print(line)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; 1024 with --preset)")
-    parser.add_argument("--new", type=int, default=None, help="decoded tokens (default 32; 256 with --preset)")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=32, help="decoded tokens")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--preset", default=None, help="with --random-weights: e.g. gemma2_9b")
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--cache-length", type=int, default=16384, help="with --preset")
     args = parser.parse_args()
-    if bool(args.preset) != args.random_weights:
-        parser.error("--preset and --random-weights go together (there are no real weights here)")
-    args.prompt = args.prompt or (1024 if args.preset else 128)
-    args.new = args.new or (256 if args.preset else 32)
     with tempfile.TemporaryDirectory() as tmp:
-        (big if args.preset else compare)(args, pathlib.Path(tmp))
+        compare(args, pathlib.Path(tmp))
 
 
 if __name__ == "__main__":

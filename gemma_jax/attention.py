@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma_jax import blockwise, kv_cache
+from gemma_jax import blockwise, kv_cache, pallas_decode
 from gemma_jax.blockwise import attention_mask, softcap
 from gemma_jax.config import SLIDING, GemmaConfig
 from gemma_jax.linear import Linear
@@ -30,6 +30,15 @@ def dot_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
     return out.reshape(b, t, n, h)
+
+
+def _one_token(kernel: pallas_decode.Kernel):
+    """A Pallas decode kernel (one query per row, every key already in the cache) in blockwise.attend's form."""
+
+    def attend(q, q_pos, k, v, cache, **kw):  # k, v: none left, the new token is stored
+        return kernel(q[:, 0], q_pos[:, 0], cache, **kw)[:, None]
+
+    return attend
 
 
 class Attention(nnx.Module):
@@ -73,10 +82,14 @@ class Attention(nnx.Module):
         # A ring (sliding layer) prefill chunk must read first: storing a chunk can overwrite keys that
         # its own earlier queries still see; copying a ring costs its window, not the capacity. In a
         # ring, a decode token's slot held position p - window, which has just left the window.
-        if not self.sliding or x.shape[1] == 1:
+        decode = x.shape[1] == 1
+        if not self.sliding or decode:
             cache = kv_cache.write(cache, k, v, positions, ring=self.sliding)
             k, v = k[:, :0], v[:, :0]  # already in the cache
-        out = blockwise.attend(q, positions, k, v, cache, window=self.window, scale=self.scale, cap=self.cap)
+        # A decode step on GPU/TPU runs the backend's Pallas kernel (each row reads its own fill); else blockwise.
+        kernel = pallas_decode.backend_kernel(jax.default_backend(), cache.size) if decode else None
+        attend = blockwise.attend if kernel is None else _one_token(kernel)
+        out = attend(q, positions, k, v, cache, window=self.window, scale=self.scale, cap=self.cap)
         if k.shape[1]:
             cache = kv_cache.write(cache, k, v, positions, ring=self.sliding)
         return self.o(out), cache  # out [B, T, N, H]

@@ -22,4 +22,5 @@ class Embedder(nnx.Module):
         return x * jnp.asarray(self.scale, self.dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype))  # [B, T, V]
+        # float32 logits, accumulated in float32 whatever the compute dtype (see Linear)
+        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32)

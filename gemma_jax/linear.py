@@ -40,4 +40,9 @@ class Linear(nnx.Module):
             return quant.fp8_einsum(
                 self.spec, x.astype(self.dtype), self.kernel[...], self.scale[...], w8a8=self.quant == "w8a8"
             )
-        return jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # Accumulate in float32 (more exact in bfloat16, and XLA's CPU bf16 dot is fast only with an f32 result:
+        # a [8, 2304] x [2304, 9216] bf16 matmul took 95 ms with a bf16 result and 7 ms with f32, f32 inputs 13 ms).
+        y = jnp.einsum(
+            self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        return y.astype(self.dtype)

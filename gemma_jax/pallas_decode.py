@@ -288,25 +288,9 @@ def decode_tpu(
 KERNELS: dict[str, Kernel] = {"gpu": decode_gpu, "tpu": decode_tpu}
 
 
-def backend_kernel(backend: str) -> Kernel | None:
-    """The decode kernel for a `jax.default_backend()` name, or None (use blockwise.attend)."""
+def backend_kernel(backend: str, cache_size: int | None = None) -> Kernel | None:
+    """The decode kernel for a `jax.default_backend()` name and a cache of `cache_size` slots, or None (use
+    blockwise.attend): the GPU kernel needs at least GPU_MIN_ROWS slots (its smallest power-of-2 block)."""
+    if backend == "gpu" and cache_size is not None and cache_size < GPU_MIN_ROWS:
+        return None
     return KERNELS.get(backend)
-
-
-def decode(
-    q: jax.Array,  # [B, N, H]
-    q_pos: jax.Array,  # [B] int32, EMPTY on free rows
-    cache: LayerCache,
-    *,
-    window: int | None,
-    scale: float,
-    cap: float | None,
-    backend: str | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Decode attention of one token per row over `cache` with the kernel for `backend` (default: JAX's)."""
-    backend = backend or jax.default_backend()
-    kernel = backend_kernel(backend)
-    if kernel is None:
-        raise ValueError(f"no Pallas decode kernel for backend {backend!r}; use blockwise.attend")
-    return kernel(q, q_pos, cache, window=window, scale=scale, cap=cap, interpret=interpret)

@@ -42,7 +42,7 @@ class DecodeState:
     generated: jax.Array  # [B] int32, tokens sampled so far (the stop token included)
     max_new_tokens: jax.Array  # [B] int32
     params: SamplingParams
-    keys: jax.Array  # [B] PRNG keys, split at every sampled token
+    keys: jax.Array  # [B] PRNG keys, one per row; token i of a row draws with fold_in(key, i)
 
     @classmethod
     def empty(cls, batch: int) -> DecodeState:
@@ -99,8 +99,7 @@ def _prefill_chunk(graphdef, state, cache, tokens, positions, mask):
 @jax.jit
 def start(logits, lengths, max_new_tokens, params: SamplingParams, keys, stop_ids) -> DecodeState:
     """Decode rows for prompts whose prefill gave `logits` [B, V]: samples each row's first token."""
-    keys, step_keys = _split(keys)
-    first = sample(logits, params, step_keys)
+    first = sample(logits, params, keys, jnp.zeros(keys.shape, jnp.int32))
     return DecodeState(
         tokens=first,
         positions=lengths.astype(jnp.int32),
@@ -129,8 +128,7 @@ def _decode(graphdef, state, cache: KVCache, dstate: DecodeState, stop_ids, num_
         model = nnx.merge(graphdef, state)
         live = ~ds.done  # [B]
         logits, cache = model(ds.tokens[:, None], ds.positions[:, None], live[:, None], cache)
-        keys, step_keys = _split(ds.keys)
-        token = sample(logits[:, 0], ds.params, step_keys)  # [B]
+        token = sample(logits[:, 0], ds.params, ds.keys, ds.generated)  # [B]
         generated = ds.generated + live
         stop = jnp.isin(token, stop_ids) | (generated >= ds.max_new_tokens)
         ds = ds.replace(
@@ -138,7 +136,6 @@ def _decode(graphdef, state, cache: KVCache, dstate: DecodeState, stop_ids, num_
             positions=ds.positions + live,
             done=ds.done | (live & stop),
             generated=generated,
-            keys=jnp.where(live, keys, ds.keys),
         )
         out = out.at[:, step].set(jnp.where(live, token, NO_TOKEN))
         return step + 1, cache, ds, out
@@ -160,12 +157,6 @@ def insert(cache: KVCache, dstate: DecodeState, row_cache: KVCache, row_state: D
         tail=jax.tree.map(put(0), cache.tail, row_cache.tail),
     )
     return cache, jax.tree.map(put(0), dstate, row_state)
-
-
-def _split(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-row key split: (carried keys [B], keys to use now [B])."""
-    pairs = jax.vmap(jax.random.split)(keys)  # [B, 2]
-    return pairs[:, 0], pairs[:, 1]
 
 
 class Sampler:

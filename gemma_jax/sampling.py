@@ -59,9 +59,11 @@ def check(temperature, top_k, top_p, min_p) -> None:
         raise ValueError(f"min_p must be in [0, 1] (0 = no min-p filter), got {min_p}")
 
 
-def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Array:
+def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array, counter: jax.Array | None = None) -> jax.Array:
     """Tokens [B] int32 from logits [B, V] float32, with one PRNG key per row (keys [B]).
 
+    With `counter` [B] (tokens a row has sampled so far), row r draws with fold_in(keys[r], counter[r]):
+    a decode loop then carries one fixed key per row, and an all-greedy batch derives no keys at all.
     The sort over the vocabulary (262k entries for Gemma 3) runs only when some row uses top-k,
     top-p or min-p; a row's token depends only on its own settings and key, never on its batch mates.
     """
@@ -69,9 +71,12 @@ def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Ar
     filters = (params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0)  # [B]
 
     def stochastic() -> jax.Array:
-        plain = _sample_plain(logits, params, keys)
+        step_keys = keys if counter is None else jax.vmap(jax.random.fold_in)(keys, counter)
+        plain = _sample_plain(logits, params, step_keys)
         filtered = jax.lax.cond(
-            jnp.any(filters & (params.temperature > 0)), lambda: _sample_filtered(logits, params, keys), lambda: plain
+            jnp.any(filters & (params.temperature > 0)),
+            lambda: _sample_filtered(logits, params, step_keys),
+            lambda: plain,
         )
         return jnp.where(params.temperature == 0, greedy, jnp.where(filters, filtered, plain))
 

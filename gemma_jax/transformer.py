@@ -79,7 +79,7 @@ class Transformer(nnx.Module):
         if self.tail is not None:
             x, tail_caches = self.tail(x, positions, None if cache is None else cache.tail)
         x = self.final_norm(x[:, -1:] if last_only else x)
-        logits = softcap(self.embedder.decode(x).astype(jnp.float32), self.config.final_logit_softcap)
+        logits = softcap(self.embedder.decode(x), self.config.final_logit_softcap)  # float32
         if cache is None:
             return logits, None
         return logits, KVCache(groups=group_caches or (), tail=tail_caches or ())

@@ -104,10 +104,35 @@ def test_backend_kernel():
     assert pallas_decode.backend_kernel("gpu") is pallas_decode.decode_gpu
     assert pallas_decode.backend_kernel("tpu") is pallas_decode.decode_tpu
     assert pallas_decode.backend_kernel("cpu") is None
-    cache = LayerCache(
-        k=jnp.zeros((1, 1, 16, 16)), v=jnp.zeros((1, 1, 16, 16)), positions=jnp.zeros((1, 16), jnp.int32)
+    assert pallas_decode.backend_kernel("gpu", cache_size=pallas_decode.GPU_MIN_ROWS - 1) is None  # blockwise then
+    assert pallas_decode.backend_kernel("tpu", cache_size=8) is pallas_decode.decode_tpu
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_model_decodes_with_the_backend_kernel(backend, monkeypatch, tiny_tokenizer):
+    """Wired into the model: with the backend's kernel (interpret mode) chosen for every decode step, greedy
+    sampling gives the portable path's tokens (ring wrap and a long row included)."""
+    import functools
+
+    from flax import nnx
+
+    import gemma_jax as gj
+    from gemma_jax.sampler import Sampler
+
+    model = gj.Transformer(gj.gemma2_tiny(sliding_window=16), rngs=nnx.Rngs(0))
+    prompts = [list(range(3, 40)), [2, 5, 9]]
+    # A cache length of its own, so no earlier test's compiled decode step (without the kernel) is reused.
+    want = Sampler(model, tiny_tokenizer, cache_length=77).generate(prompts, max_new_tokens=12)
+    chosen = {}
+
+    def backend_kernel(name, cache_size=None):
+        chosen[cache_size] = True
+        kernel = pallas_decode.KERNELS[backend]
+        return functools.partial(kernel, interpret=True, **({"splits": 2} if backend == "gpu" else {}))
+
+    monkeypatch.setattr(pallas_decode, "backend_kernel", backend_kernel)
+    got = Sampler(model, tiny_tokenizer, cache_length=78 if backend == "gpu" else 79).generate(
+        prompts, max_new_tokens=12
     )
-    with pytest.raises(ValueError, match="no Pallas decode kernel"):
-        pallas_decode.decode(
-            jnp.zeros((1, 1, 16)), jnp.zeros((1,), jnp.int32), cache, window=None, scale=1.0, cap=None, backend="cpu"
-        )
+    assert chosen  # the decode steps asked for a kernel
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
