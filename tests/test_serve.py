@@ -683,7 +683,7 @@ def test_policy_flags(monkeypatch):
     policy = from_args(build_parser().parse_args([*base, *flags, "--api-key", "k"]))
     assert (policy.max_n, policy.max_body_bytes, policy.request_timeout) == (4, 1000, 0.5)
     assert (policy.allowed_hosts, policy.api_key) == (("a.b", "c"), "k")
-    for bad in (["--max-n", "0"], ["--request-timeout", "nan"], ["--max-body-bytes", "x"]):
+    for bad in (["--max-n", "0"], ["--request-timeout", "nan"], ["--max-body-bytes", "x"], ["--api-key", " "]):
         with pytest.raises(SystemExit):
             build_parser().parse_args([*base, *bad])
 

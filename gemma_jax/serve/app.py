@@ -428,7 +428,7 @@ class _Guard:
             return ApiError(400, message, "invalid_request_error", code="invalid_host")
         key = self.policy.api_key
         if key is not None and path not in self.OPEN_PATHS:
-            given = headers.get("authorization", "").encode("utf-8", "surrogateescape")
+            given = headers.get("authorization", "").encode("latin-1")  # the header's bytes, as sent
             if not hmac.compare_digest(given, f"Bearer {key}".encode()):
                 message = "missing or incorrect API key: send the header 'Authorization: Bearer <key>'"
                 return ApiError(401, message, "invalid_request_error", code="invalid_api_key")
@@ -474,4 +474,5 @@ def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     """Whether `host` (a Host header: name or IP, maybe a port, IPv6 in brackets) matches an allowed pattern."""
     name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
     name = name.lower()
-    return any(p == "*" or p == name or (p.startswith("*.") and name.endswith(p[1:])) for p in allowed)
+    patterns = [p.lower() for p in allowed]
+    return any(p == "*" or p == name or (p.startswith("*.") and name.endswith(p[1:])) for p in patterns)

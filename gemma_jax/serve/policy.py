@@ -66,6 +66,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--api-key",
+        type=_key,
         default=os.environ.get(API_KEY_ENV) or None,
         help=f"require 'Authorization: Bearer KEY' on every path but /health (default: ${API_KEY_ENV}, else none)",
     )
@@ -80,6 +81,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> Policy:
     """The Policy that `add_cli_args`'s flags describe."""
     return Policy(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Policy)})
+
+
+def _key(s: str) -> str:
+    if not s.strip():
+        raise argparse.ArgumentTypeError("the API key is empty: give a key, or omit --api-key for none")
+    return s
 
 
 def _positive(kind: type):
