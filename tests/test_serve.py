@@ -691,7 +691,8 @@ def test_policy_flags(monkeypatch):
 def test_drain_deadline_ends_streams_with_an_error_event_and_done(ckpt, monkeypatch):
     """--drain-timeout 0.5: a stream still running at the deadline gets an error event, then [DONE]."""
     other = Server(make_engine(ckpt, max_queue=0), drain_timeout=0.5)
-    body = json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "stream": True}).encode()
+    request = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True}
+    body = json.dumps(request).encode()  # greedy: runs all 200 tokens (see test_disconnect_mid_stream_frees_the_slot)
     head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
     with patched(monkeypatch, other.engine.sampler, "decode", slowed(0.05)):
         with socket.create_connection(("127.0.0.1", other.port), timeout=30) as sock:
