@@ -45,34 +45,63 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """The Policy flags: bounds, timeouts, --api-key and --allowed-hosts."""
     d = Policy()
     g = parser.add_argument_group("limits and access (see docs/security.md)")
-    g.add_argument("--max-body-bytes", type=_positive(int), default=d.max_body_bytes, help="largest request body; 413")
-    g.add_argument("--max-n", type=_positive(int), default=d.max_n, help="most completions per request (n x prompts)")
     g.add_argument(
-        "--max-prompt-tokens", type=_positive(int), default=None, help="longest prompt (default: the model's context)"
+        "--max-body-bytes",
+        type=_positive(int),
+        default=d.max_body_bytes,
+        metavar="BYTES",
+        help="largest request body, else 413 (default: %(default)s)",
     )
-    g.add_argument("--max-stop", type=_positive(int), default=d.max_stop, help="most stop strings per request")
-    g.add_argument("--max-stop-chars", type=_positive(int), default=d.max_stop_chars, help="longest stop string")
+    g.add_argument(
+        "--max-n",
+        type=_positive(int),
+        default=d.max_n,
+        help="most completions per request, n x prompts (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=_positive(int),
+        default=None,
+        metavar="TOKENS",
+        help="longest prompt (default: the model's context)",
+    )
+    g.add_argument(
+        "--max-stop",
+        type=_positive(int),
+        default=d.max_stop,
+        help="most stop strings per request (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-stop-chars",
+        type=_positive(int),
+        default=d.max_stop_chars,
+        help="longest stop string, in characters (default: %(default)s)",
+    )
     g.add_argument(
         "--request-timeout",
         type=_positive(float),
         default=d.request_timeout,
-        help="seconds for a request's headers and body to arrive, then 408 and the connection is closed",
+        metavar="SECONDS",
+        help="time for a request's headers and body to arrive, else 408 and close (default: %(default)s)",
     )
     g.add_argument(
         "--keep-alive-timeout",
         type=_positive(float),
         default=d.keep_alive_timeout,
-        help="seconds an idle keep-alive connection stays open",
+        metavar="SECONDS",
+        help="time an idle keep-alive connection stays open (default: %(default)s)",
     )
     g.add_argument(
         "--api-key",
         type=_key,
+        metavar="KEY",
         default=os.environ.get(API_KEY_ENV) or None,
         help=f"require 'Authorization: Bearer KEY' on every path but /health (default: ${API_KEY_ENV}, else none)",
     )
     g.add_argument(
         "--allowed-hosts",
         type=lambda s: tuple(h.strip().lower() for h in s.split(",") if h.strip()),
+        metavar="HOSTS",
         default=(),
         help="comma-separated Host header values to accept, e.g. 'localhost,127.0.0.1,*.example.com' (default: any)",
     )
