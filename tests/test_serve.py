@@ -664,6 +664,14 @@ def test_api_key_and_allowed_hosts(secured):
         assert int(reply.split()[1]) == status, (host, reply)
 
 
+def test_a_large_body_is_parsed_off_the_event_loop(secured):
+    """A 1.5 MB body (under the default 2 MiB limit) of 300k token ids: /health answers throughout."""
+    body = {"model": MODEL, "prompt": list(range(5, 505)) * 600}
+    with health_answers_within(secured.url):
+        code, reply, _ = post(f"{secured.url}/v1/completions", body, {"Authorization": "Bearer s3cret"})
+    assert (code, reply["error"]["param"]) == (400, "prompt") and "--max-prompt-tokens" in reply["error"]["message"]
+
+
 def test_exposed_server_without_api_key_warns(server, caplog):
     for host, key, warned in (("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False)):
         caplog.clear()
