@@ -4,6 +4,10 @@ Unknown fields are rejected (a typo such as `temprature` must not be silently ig
 fields we do not implement (penalties, logprobs, tools, ...) are accepted only at their neutral
 value, so a client that sends the defaults works and one that relies on them gets a clear error.
 `top_k` and `min_p` are extensions (as in vLLM); `top_k: -1` also means "no top-k filter".
+
+Types are strict (`"10"` and `true` are no integers), numbers must fit what the device uses
+(int64 seed, int32 top_k, float32 temperature), text must be encodable, and the server's `Policy`
+bounds (n, stop strings) are checked while validating: `model_validate(data, context=policy)`.
 """
 
 from __future__ import annotations
