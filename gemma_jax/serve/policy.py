@@ -41,55 +41,30 @@ class Policy:
             raise ValueError("api_key must not be empty (use None for no authentication)")
 
 
+# (Policy field, type, metavar, help) of the positive-number flags, --max-body-bytes etc.
+_BOUNDS = (
+    ("max_body_bytes", int, "BYTES", "largest request body, else 413"),
+    ("max_n", int, "N", "most completions per request, n x prompts"),
+    ("max_stop", int, "N", "most stop strings per request"),
+    ("max_stop_chars", int, "CHARS", "longest stop string"),
+    ("request_timeout", float, "SECONDS", "time for a request's headers and body to arrive, else 408 and close"),
+    ("keep_alive_timeout", float, "SECONDS", "time an idle keep-alive connection stays open"),
+)
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """The Policy flags: bounds, timeouts, --api-key and --allowed-hosts."""
-    d = Policy()
     g = parser.add_argument_group("limits and access (see docs/security.md)")
-    g.add_argument(
-        "--max-body-bytes",
-        type=_positive(int),
-        default=d.max_body_bytes,
-        metavar="BYTES",
-        help="largest request body, else 413 (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-n",
-        type=_positive(int),
-        default=d.max_n,
-        help="most completions per request, n x prompts (default: %(default)s)",
-    )
+    for name, kind, metavar, text in _BOUNDS:
+        default = getattr(Policy, name)
+        help = f"{text} (default: {default})"
+        g.add_argument("--" + name.replace("_", "-"), type=_positive(kind), default=default, metavar=metavar, help=help)
     g.add_argument(
         "--max-prompt-tokens",
         type=_positive(int),
         default=None,
         metavar="TOKENS",
         help="longest prompt (default: the model's context)",
-    )
-    g.add_argument(
-        "--max-stop",
-        type=_positive(int),
-        default=d.max_stop,
-        help="most stop strings per request (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-stop-chars",
-        type=_positive(int),
-        default=d.max_stop_chars,
-        help="longest stop string, in characters (default: %(default)s)",
-    )
-    g.add_argument(
-        "--request-timeout",
-        type=_positive(float),
-        default=d.request_timeout,
-        metavar="SECONDS",
-        help="time for a request's headers and body to arrive, else 408 and close (default: %(default)s)",
-    )
-    g.add_argument(
-        "--keep-alive-timeout",
-        type=_positive(float),
-        default=d.keep_alive_timeout,
-        metavar="SECONDS",
-        help="time an idle keep-alive connection stays open (default: %(default)s)",
     )
     g.add_argument(
         "--api-key",
