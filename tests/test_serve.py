@@ -1,7 +1,8 @@
 """The OpenAI-compatible server on a tiny converted checkpoint, driven by the real `openai` client.
 
-One module-scoped server (4 slots, 12 queue places, 256 tokens of context) on a random free port;
-tests that need the engine slow or failing patch its sampler for their duration only.
+One module-scoped server (4 slots, 12 queue places, 256 tokens of context, the small limits of
+POLICY) on a random free port; tests that need the engine slow or failing patch its sampler for
+their duration only.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from gemma_jax.serve import Engine, create_app  # noqa: E402  (needs the serve extra)
 from gemma_jax.serve.engine import StopStrings  # noqa: E402
+from gemma_jax.serve.policy import Policy  # noqa: E402
+from gemma_jax.serve.server import make_server  # noqa: E402
 
 CONFIG = gj.gemma2_tiny(sliding_window=16)
 MODEL = "tiny-gemma"
 CONTEXT = 256
 STOP_IDS = [1, 107]  # <eos>, <end_of_turn>, as in the -it checkpoints' generation_config.json
+POLICY = Policy(max_body_bytes=64 * 1024, max_n=8, max_stop=4, max_stop_chars=16, request_timeout=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +64,16 @@ def ckpt(tmp_path_factory, tiny_tokenizer):
 
 
 class Server:
-    """uvicorn on 127.0.0.1 and a free port, in a thread."""
+    """The server (`make_server`) on 127.0.0.1 and a free port, in a thread."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, policy: Policy = POLICY, drain_timeout: float | None = None):
         self.engine = engine
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(engine, model_name=MODEL), log_level="warning"))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(engine, model_name=MODEL, policy=policy)
+        self.uvicorn = make_server(app, engine, drain_timeout=drain_timeout, log_level="warning")
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -75,8 +81,8 @@ class Server:
             assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
             time.sleep(0.02)
 
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
+    def client(self, api_key: str = "unused", **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
 
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
@@ -123,10 +129,10 @@ def reference(server):
     return generate
 
 
-def post(url: str, body: bytes | dict) -> tuple[int, dict, Message]:
+def post(url: str, body: bytes | dict, headers: dict[str, str] | None = None) -> tuple[int, dict, Message]:
     """(status, JSON body, headers) of a raw POST."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request) as r:
             return r.status, json.loads(r.read()), r.headers
@@ -433,7 +439,8 @@ def test_shutdown_drains_in_flight_streams(ckpt, reference, monkeypatch):
 
 
 def test_cli_serves_fp8_and_shuts_down_on_sigterm(ckpt):
-    """`python -m gemma_jax.serve --dtype fp8`: compiles, opens the port, answers; SIGTERM shuts it down gracefully."""
+    """`python -m gemma_jax.serve --dtype fp8`: compiles, opens the port, answers; SIGTERM shuts it down gracefully,
+    at once although connections hold half a request, and the exit status is 0."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -453,11 +460,21 @@ def test_cli_serves_fp8_and_shuts_down_on_sigterm(ckpt):
         messages = [{"role": "user", "content": PROMPTS[0]}]
         out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
         assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 1
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        body = json.dumps({"model": MODEL, "messages": messages}).encode()
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        with contextlib.ExitStack() as stack:
+            held = [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30)) for _ in range(5)]
+            for sock in held:
+                sock.sendall(head + body[:10])
+            time.sleep(0.5)  # they have arrived
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            assert time.monotonic() - start < 10  # not --request-timeout (30 s): half requests are refused at once
+            assert reply_error(held[0].recv(65536))[0] == 503
         log = proc.stdout.read()
-        assert "Application shutdown complete" in log, log  # drained, then uvicorn re-raises the signal
-        assert proc.returncode == -signal.SIGTERM
+        assert "Application shutdown complete" in log, log
+        assert proc.returncode == 0, log
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -485,3 +502,223 @@ def test_engine_over_a_mesh_matches_one_device(ckpt, reference):
         return texts
 
     assert asyncio.run(serve()) == [reference(p, 12).text for p in prompts]
+
+
+# -- hardening: bounds, strict types, timeouts, access, shutdown -----------------------------------------------
+
+
+@contextlib.contextmanager
+def health_answers_within(url: str, seconds: float = 1.0):
+    """Poll /health every 50 ms in a thread for the block, and once after: each answer must come within `seconds`."""
+    stop, slowest = threading.Event(), []
+
+    def get() -> float:
+        start = time.monotonic()
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=5).read()
+        except urllib.error.HTTPError:  # 503 while shutting down is an answer too
+            pass
+        except OSError:
+            return float("inf")
+        return time.monotonic() - start
+
+    def poll() -> None:
+        while not stop.is_set():
+            slowest.append(get())
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+    slowest.append(get())
+    assert max(slowest) < seconds, f"/health took {max(slowest):.2f} s"
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` on a fresh connection and read until the server closes it (fails if it does not in `timeout`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def reply_error(reply: bytes) -> tuple[int, dict]:
+    """(status, error object) of a raw HTTP reply with an OpenAI error body."""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return int(head.split()[1]), error
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+STRICT = [  # (path, body, param, words the message must contain): each a 400 naming the right field
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**64}, "seed", ["less than"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 1e30, "n": 2}, "seed", ["integer"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 2**31}, "top_k", ["less than"]),
+    ("/v1/completions", {"model": "\ud800", "prompt": "x"}, "model", ["surrogate"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x\ud800"}, "prompt", ["surrogate"]),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": "\ud800"}]},
+        "messages.0.content",
+        ["surrogate"],
+    ),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]},
+        "messages.0.content.0.text",
+        ["surrogate"],
+    ),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 1e300}, "temperature", ["1e+300", "float32"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": float("inf")}, "temperature", ["finite"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "10"}, "max_tokens", ["integer"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, "max_tokens", ["integer"]),
+    ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream", ["boolean"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ""}, "stop", ["at least 1 character"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "metadata": {"k": "\udc00"}}, "metadata.k", ["surrogate"]),
+    ("/v1/chat/completions", {**CHAT, "n": 10**9}, "n", ["at most 8", "--max-n"]),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b", "c"], "n": 3}, "prompt", ["9 completions", "8"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": list("abcde")}, "stop", ["at most 4", "--max-stop"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": "y" * 17}, "stop", ["16 characters"]),
+]
+
+
+def test_bad_values_and_types_get_400_naming_the_field(server):
+    """Values that overflowed (500), were coerced ("10", true, "yes") or blamed the wrong field, and the bounds."""
+    with health_answers_within(server.url):
+        for path, body, param, words in STRICT:
+            start = time.monotonic()
+            code, reply, _ = post(server.url + path, json.dumps(body).encode())  # ensure_ascii: "\ud800" escapes
+            assert (code, reply["error"]["param"]) == (400, param), (body, reply)
+            assert set(reply["error"]) == {"message", "type", "param", "code"}
+            assert all(w in reply["error"]["message"] for w in words), (words, reply)
+            assert time.monotonic() - start < 1, body
+        for raw, words in ((b"", ["empty"]), (b"  ", ["empty"]), (b"[1]", ["JSON object"]), (b"[" * 50_000, ["JSON"])):
+            code, reply, _ = post(f"{server.url}/v1/chat/completions", raw)
+            assert (code, reply["error"]["param"]) == (400, None) and all(w in reply["error"]["message"] for w in words)
+    out = server.client().completions.create(model=MODEL, prompt="x", max_tokens=2, seed=2**63 - 1, n=2)
+    assert len(out.choices) == 2  # the largest seed works, and seed + 1 wraps around
+
+
+def test_bodies_over_the_limit_are_refused_unread(server):
+    """413 from the Content-Length alone (no byte of a 20 MB body sent), or as soon as a chunked body passes it."""
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with health_answers_within(server.url):
+        status, error = reply_error(raw_request(server.port, f"{head}Content-Length: 20000000\r\n\r\n".encode()))
+        assert status == 413 and error["code"] == "request_too_large" and "--max-body-bytes" in error["message"]
+        chunk = b"[" + b"1," * 20_000
+        chunked = f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2
+        assert reply_error(raw_request(server.port, chunked))[0] == 413  # the server closes without the rest
+
+
+def test_half_open_connections_are_closed(server):
+    """Nothing sent, half the headers, half a body: each connection is closed after --request-timeout (2 s)."""
+    body = json.dumps(CHAT).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    with health_answers_within(server.url), concurrent.futures.ThreadPoolExecutor(3) as pool:
+        start = time.monotonic()
+        idle, half_head, half_body = pool.map(
+            lambda data: raw_request(server.port, data, timeout=6), [b"", head[:30], head + body[:10]]
+        )
+        assert time.monotonic() - start < 5
+    assert idle == b""
+    for reply in (half_head, half_body):
+        status, error = reply_error(reply)
+        assert status == 408 and "--request-timeout" in error["message"]
+    assert server.client().chat.completions.create(**CHAT).choices  # a normal request still works
+
+
+@pytest.fixture(scope="module")
+def secured(ckpt):
+    """A second server with an API key, allowed hosts and a prompt-token bound."""
+    policy = Policy(api_key="s3cret", allowed_hosts=("127.0.0.1", "*.example.com"), max_prompt_tokens=20)
+    s = Server(make_engine(ckpt, max_queue=4), policy)
+    yield s
+    s.stop()
+
+
+def test_api_key_and_allowed_hosts(secured):
+    url = secured.url
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        code, reply, response_headers = post(f"{url}/v1/completions", {"model": MODEL, "prompt": "x"}, headers)
+        assert code == 401 and reply["error"]["code"] == "invalid_api_key", reply
+        assert response_headers["WWW-Authenticate"] == "Bearer"
+    with pytest.raises(openai.AuthenticationError):
+        secured.client().models.list()
+    assert urllib.request.urlopen(f"{url}/health").status == 200  # open to load balancers
+    client = secured.client(api_key="s3cret")
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices
+    with pytest.raises(openai.BadRequestError, match="--max-prompt-tokens"):
+        client.completions.create(model=MODEL, prompt=list(range(5, 26)), max_tokens=2)
+    auth = "Authorization: Bearer s3cret\r\n"
+    for host, status in (("evil.test", 400), ("127.0.0.1:1", 200), ("api.example.com", 200), ("example.com", 400)):
+        reply = raw_request(
+            secured.port, f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n".encode()
+        )
+        assert int(reply.split()[1]) == status, (host, reply)
+
+
+def test_a_large_body_is_parsed_off_the_event_loop(secured):
+    """A 1.5 MB body (under the default 2 MiB limit) of 300k token ids: /health answers throughout."""
+    body = {"model": MODEL, "prompt": list(range(5, 505)) * 600}
+    with health_answers_within(secured.url):
+        code, reply, _ = post(f"{secured.url}/v1/completions", body, {"Authorization": "Bearer s3cret"})
+    assert (code, reply["error"]["param"]) == (400, "prompt") and "--max-prompt-tokens" in reply["error"]["message"]
+
+
+def test_exposed_server_without_api_key_warns(server, caplog):
+    for host, key, warned in (("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False)):
+        caplog.clear()
+        app = create_app(server.engine, model_name=MODEL, policy=Policy(api_key=key))
+        make_server(app, server.engine, host=host)
+        assert ("WITHOUT AN API KEY" in caplog.text) == warned, (host, key)
+
+
+def test_policy_flags(monkeypatch):
+    from gemma_jax.serve.__main__ import build_parser
+    from gemma_jax.serve.policy import from_args
+
+    monkeypatch.setenv("GEMMA_JAX_API_KEY", "from-env")
+    base = ["--checkpoint", "x"]
+    assert from_args(build_parser().parse_args(base)) == Policy(api_key="from-env")
+    flags = ["--max-n", "4", "--max-body-bytes", "1000", "--request-timeout", "0.5", "--allowed-hosts", "A.b, c"]
+    policy = from_args(build_parser().parse_args([*base, *flags, "--api-key", "k"]))
+    assert (policy.max_n, policy.max_body_bytes, policy.request_timeout) == (4, 1000, 0.5)
+    assert (policy.allowed_hosts, policy.api_key) == (("a.b", "c"), "k")
+    for bad in (["--max-n", "0"], ["--request-timeout", "nan"], ["--max-body-bytes", "x"], ["--api-key", " "]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, *bad])
+
+
+def test_drain_deadline_ends_streams_with_an_error_event_and_done(ckpt, monkeypatch):
+    """--drain-timeout 0.5: a stream still running at the deadline gets an error event, then [DONE]."""
+    other = Server(make_engine(ckpt, max_queue=0), drain_timeout=0.5)
+    request = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True}
+    body = json.dumps(request).encode()  # greedy: runs all 200 tokens (see test_disconnect_mid_stream_frees_the_slot)
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    with patched(monkeypatch, other.engine.sampler, "decode", slowed(0.05)):
+        with socket.create_connection(("127.0.0.1", other.port), timeout=30) as sock:
+            sock.sendall(head.encode() + b"\r\n\r\n" + body)
+            reply = b""
+            while b"data: {" not in reply:  # the stream has begun
+                reply += sock.recv(65536)
+            start = time.monotonic()
+            other.uvicorn.should_exit = True
+            while chunk := sock.recv(65536):
+                reply += chunk
+        other.thread.join(30)
+    assert not other.thread.is_alive() and time.monotonic() - start < 10
+    events = [line.removeprefix("data: ") for line in reply.decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "--drain-timeout" in error["message"]
+    cancelled = other.engine.metrics.registry.get_sample_value(
+        "gemma_jax_requests_total", {"finish_reason": "cancelled"}
+    )
+    assert cancelled == 1

@@ -14,12 +14,12 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import uvicorn
 
 from gemma_jax import checkpoint, fp8, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.config import ConfigError
 from gemma_jax.sampler import Sampler
+from gemma_jax.serve import policy, server
 from gemma_jax.serve.app import create_app
 from gemma_jax.serve.engine import Engine
 from gemma_jax.tokenizer import Tokenizer
@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout",
         type=float,
         default=None,
-        help="seconds to finish in-flight requests on shutdown (default: all)",
+        help="seconds to finish in-flight requests on shutdown, then they end with an error (default: no limit)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    policy.add_cli_args(p)
     sharding.add_cli_args(p)
     return p
 
@@ -87,15 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     engine.warmup()
     name = args.served_model_name or _model_name(args.checkpoint)
-    app = create_app(engine, model_name=name)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.drain_timeout,
+    app = create_app(engine, model_name=name, policy=policy.from_args(args))
+    return server.run(
+        server.make_server(
+            app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level
+        )
     )
-    return 0
 
 
 def _model_name(source: str) -> str:

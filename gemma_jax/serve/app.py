@@ -2,7 +2,9 @@
 /health and Prometheus /metrics, over one `Engine`.
 
 Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`: invalid
-requests 400, unknown model 404, a full server 429, shutting down 503, a failed generation 500.
+requests 400, a missing API key 401, unknown model 404, a body over the limit 413, a full server
+429, shutting down 503, a failed generation 500. Bodies are parsed and prompts tokenized on worker
+threads, never on the event loop; the bounds of the server's `Policy` are checked as a body is validated.
 A streamed request whose client goes away is cancelled, and so is a non-streamed one: either way
 its slot is freed before the next decode call.
 """
@@ -12,21 +14,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Annotated, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gemma_jax import __version__
 from gemma_jax.serve.engine import Engine, EngineClosed, Handle, Output, QueueFull, RequestFailed
+from gemma_jax.serve.policy import Policy
 from gemma_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from gemma_jax.tokenizer import Tokenizer
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
@@ -36,6 +46,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, type: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
+        message, param = _utf8(message), None if param is None else _utf8(param)  # may quote the request's text
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -109,8 +120,11 @@ class _EventStream(StreamingResponse):
             self._handle.cancel()
 
 
-def create_app(engine: Engine, *, model_name: str) -> FastAPI:
-    """The ASGI app serving `engine` as model `model_name`; its lifespan starts and drains the engine."""
+def create_app(engine: Engine, *, model_name: str, policy: Policy | None = None) -> FastAPI:
+    """The ASGI app serving `engine` as model `model_name` under `policy` (default: `Policy()`).
+
+    Its lifespan starts and drains the engine.
+    """
     tokenizer = engine.sampler.tokenizer
     context = engine.sampler.cache_length
     started = int(time.time())
@@ -122,6 +136,8 @@ def create_app(engine: Engine, *, model_name: str) -> FastAPI:
         await engine.close()
 
     app = FastAPI(title="gemma_jax", version=__version__, lifespan=lifespan)
+    app.state.policy = policy or Policy()
+    app.add_middleware(_Guard, policy=app.state.policy)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -169,19 +185,19 @@ def create_app(engine: Engine, *, model_name: str) -> FastAPI:
         return model_card()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(body: CompletionBody, request: Request) -> Response:
         _check_model(body.model, model_name)
         if not body.prompts:
             raise invalid("'prompt' is empty", "prompt")
-        prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts]
+        prompts = await run_in_threadpool(_encode_prompts, tokenizer, body.prompts)
         max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
         return await _generate(engine, request, body, prompts, [max_tokens] * len(prompts), COMPLETIONS, model_name)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(body: ChatBody, request: Request) -> Response:
         _check_model(body.model, model_name)
         try:
-            prompt = tokenizer.encode_chat(body.chat)
+            prompt = await run_in_threadpool(tokenizer.encode_chat, body.chat)
         except ValueError as e:
             raise invalid(str(e), "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or max(context - len(prompt), 1)
@@ -200,6 +216,10 @@ async def _generate(
     model_name: str,
 ) -> Response:
     """Submit n choices per prompt (choice index = prompt * n + j); answer as JSON or as an SSE stream."""
+    limit, longest = request.app.state.policy.max_prompt_tokens, max(map(len, prompts))
+    if limit is not None and longest > limit:
+        message = f"a prompt has {longest} tokens; this server accepts at most {limit} (--max-prompt-tokens)"
+        raise invalid(message, "messages" if fmt is CHAT else "prompt")
     choices = [(p, params) for p, m in zip(prompts, max_tokens, strict=True) for params in body.generation_params(m)]
     try:
         handle = engine.submit([p for p, _ in choices], [params for _, params in choices])
@@ -303,7 +323,8 @@ def _check_model(name: str, served: str) -> None:
 
 
 # pydantic names a union member in the error location ("content.list[TextPart].0.type"): not a field, drop it.
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+# Constrained or validated members are named like "constrained-str" and "function-after[_unicode(), str]".
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|constrained-\w+|function-\w+\[.*\]|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
 
 
 def _describe(errors) -> tuple[str, str | None]:
@@ -321,3 +342,137 @@ def _describe(errors) -> tuple[str, str | None]:
     if kind == "missing":
         return f"'{field}' is required", field
     return (f"'{field}': {msg}" if field else msg), field
+
+
+_RequestT = TypeVar("_RequestT", bound=SamplingRequest)
+
+
+def _encode_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]]) -> list[list[int]]:
+    return [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+
+
+async def _validated(request: Request, model: type[_RequestT]) -> _RequestT:
+    """The body as `model`, parsed and validated on a worker thread: a big body never stalls the event loop."""
+    return await run_in_threadpool(_parse, model, await request.body(), request.app.state.policy)
+
+
+def _parse(model: type[_RequestT], raw: bytes, policy: Policy) -> _RequestT:
+    if not raw.strip():
+        raise invalid("the request body is empty: send a JSON object with 'model' and the request's fields")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise invalid(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise invalid(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data, context=policy)
+    except ValidationError as e:
+        raise invalid(*_describe(e.errors())) from None
+
+
+async def _completion_body(request: Request) -> CompletionRequest:
+    return await _validated(request, CompletionRequest)
+
+
+async def _chat_body(request: Request) -> ChatCompletionRequest:
+    return await _validated(request, ChatCompletionRequest)
+
+
+CompletionBody = Annotated[CompletionRequest, Depends(_completion_body)]
+ChatBody = Annotated[ChatCompletionRequest, Depends(_chat_body)]
+
+
+def _utf8(text: str) -> str:
+    """`text` with lone surrogates escaped, so that it can be sent as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _Guard:
+    """ASGI middleware, before routing: the Host header, the API key, then the body, read whole up to its limit.
+
+    It answers 400 (a Host not in `allowed_hosts`), 401 (no matching `Authorization: Bearer` when
+    `api_key` is set; /health stays open for load balancers) or 413 (a body over `max_body_bytes`,
+    refused from its Content-Length before any of it is read, or as soon as a chunked body passes it).
+    """
+
+    OPEN_PATHS = frozenset({"/health"})
+
+    def __init__(self, app: ASGIApp, policy: Policy):
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        refusal = self._refusal(headers, scope["path"])
+        if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body = await self._read(headers, receive)
+            if body is None:  # the client left
+                return None
+            if isinstance(body, ApiError):
+                refusal = body
+            else:
+                receive = _replay(body, receive)
+        if refusal is not None:
+            extra = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else {}
+            if refusal.status == 413:  # the rest of the body is never read: the connection cannot be reused
+                extra["Connection"] = "close"
+            return await refusal.response(extra)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _refusal(self, headers: Headers, path: str) -> ApiError | None:
+        host = headers.get("host", "")
+        if self.policy.allowed_hosts and not _host_allowed(host, self.policy.allowed_hosts):
+            message = f"the Host header {host!r} is not one this server accepts (--allowed-hosts)"
+            return ApiError(400, message, "invalid_request_error", code="invalid_host")
+        key = self.policy.api_key
+        if key is not None and path not in self.OPEN_PATHS:
+            given = headers.get("authorization", "").encode("latin-1")  # the header's bytes, as sent
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                message = "missing or incorrect API key: send the header 'Authorization: Bearer <key>'"
+                return ApiError(401, message, "invalid_request_error", code="invalid_api_key")
+        return None
+
+    async def _read(self, headers: Headers, receive: Receive) -> bytes | ApiError | None:
+        """The whole body; an ApiError (413) once it is known to pass the limit; None if the client left."""
+        limit = self.policy.max_body_bytes
+        too_large = ApiError(
+            413,
+            f"the request body is over {limit} bytes, this server's limit (--max-body-bytes)",
+            "invalid_request_error",
+            code="request_too_large",
+        )
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return too_large
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return too_large
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that delivers `body` once, then whatever the connection says (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether `host` (a Host header: name or IP, maybe a port, IPv6 in brackets) matches an allowed pattern."""
+    name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    name = name.lower()
+    patterns = [p.lower() for p in allowed]
+    return any(p == "*" or p == name or (p.startswith("*.") and name.endswith(p[1:])) for p in patterns)

@@ -197,6 +197,7 @@ class Engine:
         self._rows: list[_Job | None] = [None] * slots
         self._pending: collections.deque[_Job] = collections.deque()
         self._in_flight = 0
+        self._live: set[_Job] = set()  # submitted, not yet finished
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gemma-jax-engine")
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -215,6 +216,17 @@ class Engine:
     def start(self) -> None:
         """Start the scheduler on the running event loop."""
         self._task = asyncio.get_running_loop().create_task(self._schedule(), name="gemma-jax-scheduler")
+
+    def drain(self) -> None:
+        """Stop taking requests (`submit` raises EngineClosed); the ones in flight go on."""
+        self._closing = True
+        self._wake.set()
+
+    def abort(self, reason: str) -> None:
+        """End each request in flight with RequestFailed(reason) (a drain deadline passed); frees their rows."""
+        for job in [job for job in self._live if not job.cancelled]:
+            job.handle._put(job, RequestFailed(reason))
+            self._cancel(job)
 
     async def close(self) -> None:
         """Stop taking requests, finish the ones in flight, then stop the scheduler and its worker."""
@@ -279,6 +291,7 @@ class Engine:
             job = _Job(handle, i, list(prompt), p, tokenizer.stream_decoder())
             handle.jobs.append(job)
             self._pending.append(job)
+            self._live.add(job)
         self._in_flight += len(prompts)
         self.metrics.queue_depth.set(len(self._pending))
         self._wake.set()
@@ -296,6 +309,7 @@ class Engine:
     def _finish(self, job: _Job, reason: str) -> None:
         """Account for a job that will produce nothing more; its row (if any) is freed by the caller."""
         job.finished = True
+        self._live.discard(job)
         self._in_flight -= 1
         self.metrics.requests.labels(reason).inc()
         self.metrics.request_latency.observe(time.perf_counter() - job.submitted)

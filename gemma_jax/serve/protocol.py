@@ -4,6 +4,10 @@ Unknown fields are rejected (a typo such as `temprature` must not be silently ig
 fields we do not implement (penalties, logprobs, tools, ...) are accepted only at their neutral
 value, so a client that sends the defaults works and one that relies on them gets a clear error.
 `top_k` and `min_p` are extensions (as in vLLM); `top_k: -1` also means "no top-k filter".
+
+Types are strict (`"10"` and `true` are no integers), numbers must fit what the device uses
+(int64 seed, int32 top_k, float32 temperature), text must be encodable, and the server's `Policy`
+bounds (n, stop strings) are checked while validating: `model_validate(data, context=policy)`.
 """
 
 from __future__ import annotations
@@ -11,15 +15,45 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from gemma_jax.serve.engine import GenerationParams
+from gemma_jax.serve.policy import Policy
 
-NonNegative = Annotated[float, Field(ge=0)]
+INT64 = 2**63
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _unicode(s: str) -> str:
+    """Refuse lone surrogates ("\\ud800" in JSON): Python parses them, but they cannot be tokenized or echoed."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text, but holds a lone surrogate at character {e.start}") from None
+    return s
+
+
+def _float32(x: float) -> float:
+    """Sampling runs in float32: a value that overflows it would silently become infinity."""
+    if abs(x) > FLOAT32_MAX:
+        raise ValueError(f"{x:g} is too large (the largest float32 is {FLOAT32_MAX:.3g})")
+    return x
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Stop = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
+NonNegative = Annotated[float, Field(ge=0), AfterValidator(_float32)]
+
+
+def _policy(info: ValidationInfo) -> Policy:
+    """The Policy passed as validation context (`model_validate(..., context=policy)`), else the defaults."""
+    return info.context if isinstance(info.context, Policy) else Policy()
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "10", true and 1.0 are not integers, "yes" is no boolean; NaN and Infinity are no numbers.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -29,19 +63,19 @@ class StreamOptions(_Body):
 class SamplingRequest(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str
+    model: Text
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: NonNegative | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, lt=2**31)] | None = None  # an int32 on the device
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1)] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=-INT64, lt=INT64)] | None = None  # an int64, as OpenAI's
+    stop: Stop | list[Stop] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted and ignored, as are metadata and store
-    metadata: dict[str, str] | None = None
+    user: Text | None = None  # accepted and ignored, as are metadata and store
+    metadata: dict[Text, Text] | None = None
     store: bool | None = None
     # Not implemented: accepted at their neutral values only.
     frequency_penalty: float | None = None
@@ -53,6 +87,24 @@ class SamplingRequest(_Body):
         ("presence_penalty", (None, 0)),
         ("logit_bias", (None, {})),
     )
+
+    @field_validator("n")
+    @classmethod
+    def _bounded_n(cls, n: int | None, info: ValidationInfo) -> int | None:
+        limit = _policy(info).max_n
+        if n is not None and n > limit:
+            raise ValueError(f"at most {limit} completions per request (the server's --max-n), got {n}")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        policy, stops = _policy(info), [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > policy.max_stop:
+            raise ValueError(f"at most {policy.max_stop} stop strings (the server's --max-stop), got {len(stops)}")
+        if any(len(s) > policy.max_stop_chars for s in stops):
+            raise ValueError(f"a stop string may have at most {policy.max_stop_chars} characters (--max-stop-chars)")
+        return stop
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -73,7 +125,8 @@ class SamplingRequest(_Body):
             stop=stop,
         )
         n = self.n or 1
-        seeds = [None] * n if self.seed is None else [self.seed + i for i in range(n)]
+        # seed + i wraps around within int64, as the seed's range is all of it
+        seeds = [None] * n if self.seed is None else [(self.seed + i + INT64) % (2 * INT64) - INT64 for i in range(n)]
         return [dataclasses.replace(base, seed=seed) for seed in seeds]
 
     @property
@@ -82,7 +135,7 @@ class SamplingRequest(_Body):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
@@ -96,24 +149,38 @@ class CompletionRequest(SamplingRequest):
         ("best_of", (None, 1)),
     )
 
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_prompts(cls, prompt, info: ValidationInfo):
+        """n x prompts completions at most: checked before any prompt is tokenized or any choice built."""
+        limit, n = _policy(info).max_n, info.data.get("n") or 1
+        count = len(_prompt_list(prompt))
+        if count * n > limit:
+            raise ValueError(
+                f"{count} prompts x n={n} ask for {count * n} completions; this server allows at most {limit} "
+                "per request (--max-n)"
+            )
+        return prompt
+
     @property
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a string or a list of token ids."""
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        return list(p)
+        return _prompt_list(self.prompt)
+
+
+def _prompt_list(p: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     @property
     def text(self) -> str:
