@@ -159,6 +159,16 @@ def insert(cache: KVCache, dstate: DecodeState, row_cache: KVCache, row_state: D
     return cache, jax.tree.map(put(0), dstate, row_state)
 
 
+def default_cache_dtype(compute_dtype: jnp.dtype, backend: str) -> jnp.dtype:
+    """The compute dtype, except float32 for a sub-32-bit float on CPU: XLA's CPU backend has no bfloat16
+    scatter and upcasts a bfloat16 buffer carried through a loop, so every decode step converted the whole
+    cache to float32 and back (measured: 2b shape, batch 8, 16k cache, 1.6x the step time of a 1k cache)."""
+    compute_dtype = jnp.dtype(compute_dtype)
+    if backend == "cpu" and jnp.issubdtype(compute_dtype, jnp.floating) and compute_dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return compute_dtype
+
+
 class Sampler:
     """Generates text from a `Transformer` with a KV cache of `cache_length` tokens per row.
 
@@ -196,7 +206,7 @@ class Sampler:
                 "is this the checkpoint's tokenizer?"
             )
         try:
-            self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+            self.cache_dtype = jnp.dtype(cache_dtype or default_cache_dtype(model.dtype, jax.default_backend()))
         except TypeError as e:
             raise ValueError(f"unknown cache dtype {cache_dtype!r}; use e.g. 'bfloat16' or 'float32'") from e
         self.config = model.config
