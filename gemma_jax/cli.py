@@ -1,0 +1,30 @@
+"""What the command-line tools (`gemma_jax.sample`, `gemma_jax.serve`) share: help that shows every
+default, and the model that `--checkpoint` names (the embedded default model when it is not given)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+
+from gemma_jax import checkpoint, default_model
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with "(default: ...)" after each option, except where the help text already says
+    it or the option defaults to nothing (None, or False for a flag), so a newcomer sees what runs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def resolve_checkpoint(
+    source: str | None, *, cache_dir: str | os.PathLike | None = None, dtype: str = "bfloat16"
+) -> pathlib.Path:
+    """`--checkpoint` as a local checkpoint (HF sources converted once into the cache, `checkpoint.resolve`);
+    None: the embedded default model (`default_model.ensure`), converted on first use."""
+    if source:
+        return checkpoint.resolve(source, cache_dir=cache_dir, dtype=dtype)
+    return default_model.ensure(cache_dir)
