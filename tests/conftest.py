@@ -81,3 +81,15 @@ def tiny_tokenizer(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
     return train(path, _TOKENIZER_TEXT.splitlines() * 20, vocab_size=480)
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory):
+    """A gemma_jax cache holding the embedded default model (Gemma 3 270M), converted once per test session."""
+    from gemma_jax import default_model
+
+    pytest.importorskip(default_model.MODULE)
+    pytest.importorskip("gguf")
+    cache = tmp_path_factory.mktemp("gemma_jax_cache")
+    default_model.ensure(cache, progress=False)
+    return cache
