@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
         parser.error(str(e))
     sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    cli.use_compilation_cache(args.cache_dir)
     try:
         path = cli.resolve_checkpoint(args.checkpoint, cache_dir=args.cache_dir, dtype=args.dtype)
         quant = args.quant or (fp8.WEIGHT_ONLY if args.dtype == "fp8" else None)

@@ -7,6 +7,8 @@ import os
 # Tests run on the CPU with 8 virtual devices (sharding tests use them; others see device 0).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CLIs keep compiled programs in a persistent cache unless this is set; tests run the CLIs without one.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import numpy as np
 import pytest

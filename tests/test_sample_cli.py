@@ -60,11 +60,13 @@ def test_subprocess_json_batch_matches_hf(hf_dir, cache_dir, tiny_tokenizer):
     prompts = ["Hello world", "你好 🙂"]
     argv = ["--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", "--cache-length", 96,
             "--max-new-tokens", 6, "--json", *(a for p in prompts for a in ("--prompt", p))]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the CLI's own: <cache>/xla
+    env |= {"JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # tiny programs count too
     proc = subprocess.run(
         [sys.executable, "-m", "gemma_jax.sample", *map(str, argv)],
         capture_output=True,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env=env,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -79,7 +81,8 @@ def test_subprocess_json_batch_matches_hf(hf_dir, cache_dir, tiny_tokenizer):
             ref = ref[:-1]
         assert row["token_ids"] == ref
         assert row["text"] == tiny_tokenizer.decode(ref)
-    assert len(list(cache_dir.iterdir())) == 1  # converted once
+    assert len([p for p in cache_dir.iterdir() if p.name != "xla"]) == 1  # converted once
+    assert any((cache_dir / "xla").iterdir())  # compiled programs kept for the next run
 
 
 def test_stream_and_chat_template(capsys, hf_dir, cache_dir):

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     args.dtype = args.dtype or ("bf16" if args.checkpoint else _ALIASES[default_model.DTYPE])
     storage, compute = DTYPES[args.dtype]
+    cli.use_compilation_cache(args.cache_dir)
     try:
         path = cli.resolve_checkpoint(args.checkpoint, cache_dir=args.cache_dir, dtype=storage)
         quant = args.quant if args.dtype == "fp8" else None
