@@ -555,7 +555,7 @@ def test_served_names(tmp_path, monkeypatch):
 
 def test_without_a_checkpoint_the_cli_serves_the_default_model(base_ckpt, monkeypatch):
     """As `python -m gemma_jax.sample` does: the embedded model (here stood in for by the tiny base checkpoint),
-    in float32, under its model card's name; a base model, so chat is refused."""
+    in float32, under its model card's name, with slots and context sized for a CPU; a base model."""
     from gemma_jax import default_model
     from gemma_jax.serve import __main__ as serve_main
 
@@ -565,7 +565,8 @@ def test_without_a_checkpoint_the_cli_serves_the_default_model(base_ckpt, monkey
     monkeypatch.setattr(serve_main.Engine, "warmup", lambda self: None)
     monkeypatch.setattr(serve_main, "create_app", lambda engine, **options: served.append((engine, options)))
     monkeypatch.setattr(serve_main.uvicorn, "run", lambda app, **kw: None)
-    assert serve_main.main(["--slots", "1", "--cache-length", "64"]) == 0
+    assert serve_main.main([]) == 0
     ((engine, options),) = served
     assert ensured == [None] and options == {"model_name": "gemma-3-270m", "aliases": []}
     assert engine.sampler.cache_dtype == jnp.float32 and not engine.sampler.tokenizer.instruction_tuned
+    assert (engine.slots, engine.sampler.cache_length) == (4, 2048)  # sized for a CPU, as the sampler's defaults

@@ -42,8 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--slots", type=_positive, default=16, help="decode slots: requests generated at once")
-    p.add_argument("--cache-length", type=_positive, default=16384, help="context per slot: prompt + completion")
+    p.add_argument(
+        "--slots",
+        type=_positive,
+        help="decode slots: requests generated at once (default: 16; 4 for the embedded model, sized for a CPU)",
+    )
+    p.add_argument(
+        "--cache-length",
+        type=_positive,
+        help="context per slot: prompt + completion (default: 16384; 2048 for the embedded model)",
+    )
     p.add_argument(
         "--dtype",
         type=lambda s: _ALIASES.get(s, s),
@@ -96,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_count() > 1:
         parser.exit(2, f"{parser.prog}: error: serving runs on one host; shard over its devices with --mesh\n")
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-    args.dtype = args.dtype or ("bf16" if args.checkpoint else _ALIASES[default_model.DTYPE])
+    embedded = args.checkpoint is None  # the CPU demo: served as the sampler runs it, in float32, sized for a CPU
+    args.dtype = args.dtype or (_ALIASES[default_model.DTYPE] if embedded else "bf16")
+    args.slots = args.slots or (4 if embedded else 16)
+    args.cache_length = args.cache_length or (2048 if embedded else 16384)
     storage, compute = DTYPES[args.dtype]
     cli.use_compilation_cache(args.cache_dir)
     try:
