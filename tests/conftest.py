@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 # Tests run on the CPU with 8 virtual devices (sharding tests use them; others see device 0).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -95,3 +101,23 @@ def default_model_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("gemma_jax_cache")
     default_model.ensure(cache, progress=False)
     return cache
+
+
+def start_server(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300):
+    """`python -m gemma_jax.serve ARGS` on a free port, returned once /health answers: (process, base url).
+    Output goes to the process's stdout pipe; a server that exits or never answers fails with it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "gemma_jax.serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {proc.communicate()[0]}")
+        with contextlib.suppress(OSError):
+            if urllib.request.urlopen(f"{url}/health").status == 200:
+                return proc, url
+        time.sleep(0.2)

