@@ -121,8 +121,8 @@ class Tokenizer:
             self._warned_base = True
             warnings.warn(
                 f"{self.model_file.parent} holds a base (pretrained) model, not an instruction-tuned one: it was "
-                "not trained on the chat template and will ramble; complete plain text instead (chat=False), "
-                "or use an instruction-tuned (-it) checkpoint",
+                "not trained on the chat template, so what it generates after a chat prompt rambles; complete "
+                "plain text instead (chat=False), or use an instruction-tuned (-it) checkpoint",
                 UserWarning,
                 stacklevel=2,
             )
