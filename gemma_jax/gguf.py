@@ -356,11 +356,14 @@ def generation_config(reader: Any) -> dict[str, Any]:
 
 
 def write_tokenizer(reader: Any, directory: pathlib.Path) -> None:
-    """tokenizer.model and generation_config.json into `directory` (the files `Tokenizer.from_dir` reads)."""
+    """tokenizer.model and generation_config.json into `directory` (the files `Tokenizer.from_dir` reads), and
+    tokenizer_config.json with the chat template when the file has one (an instruction-tuned model's GGUF does)."""
     import json
 
     (directory / "tokenizer.model").write_bytes(tokenizer_proto(reader))
     (directory / "generation_config.json").write_text(json.dumps(generation_config(reader), indent=2) + "\n")
+    if template := _field(reader, "tokenizer.chat_template", None):
+        (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
 
 
 # ---- conversion

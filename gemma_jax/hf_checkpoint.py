@@ -14,6 +14,7 @@ import json
 import math
 import pathlib
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -42,6 +43,8 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "chat_template.jinja",  # newer HF checkpoints keep the chat template here, not in tokenizer_config.json
+    "chat_template.json",
 )
 # What a hub download fetches: config, tokenizer and safetensors weights (not .bin / .gguf copies).
 HUB_PATTERNS = ("config.json", *TOKENIZER_FILES, "*.safetensors", INDEX_FILE)
@@ -206,7 +209,18 @@ def shard_names(count: int) -> list[str]:
 
 
 def save_shard(tensors: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
+    """One safetensors shard, readable like the other files written beside it.
+
+    safetensors writes through a private temporary file (mode 0600); the shard gets the mode a file
+    created here gets (0666 less the umask), read off a probe file rather than by setting the umask.
+    """
     safetensors.numpy.save_file(dict(tensors), path, metadata={"format": "pt"})
+    probe = path.with_name(path.name + ".mode")
+    probe.touch()
+    try:
+        shutil.copymode(probe, path)
+    finally:
+        probe.unlink()
 
 
 def save_index(directory: pathlib.Path, weight_map: Mapping[str, str], total_bytes: int) -> None:

@@ -1,9 +1,10 @@
-"""`python -m gemma_jax.sample`: complete prompts with a checkpoint, or chat with it interactively.
+"""`python -m gemma_jax.sample`: complete prompts with a checkpoint, or run it interactively.
 
 --checkpoint takes a gemma_jax checkpoint, an HF checkpoint directory or a hub id; HF sources are
 converted once into the cache ($GEMMA_JAX_CACHE or ~/.cache/gemma_jax) and reused. Without it, the
-embedded Gemma 3 270M (the `demo` extra, `gemma_jax.default_model`) runs, offline. Each --prompt adds
-a row to one batch; without --prompt an interactive chat keeps the conversation as history.
+embedded Gemma 3 270M (the `demo` extra, `gemma_jax.default_model`) runs, offline: a base model, good
+at continuing text, not at chat. Each --prompt adds a row to one batch; without --prompt an interactive
+loop runs: a chat with history for an instruction-tuned checkpoint, else each line is completed on its own.
 """
 
 from __future__ import annotations
@@ -11,41 +12,52 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import pathlib
-import re
 import sys
 from collections.abc import Callable
 
-from gemma_jax import checkpoint, default_model, fp8, sampling, sharding
+from gemma_jax import checkpoint, cli, default_model, fp8, sampling, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.config import ConfigError
 from gemma_jax.sampler import Sampler
 from gemma_jax.tokenizer import Tokenizer
 
-_INSTRUCTION_TUNED = re.compile(r"(^|[-_/])it($|[-_/])", re.IGNORECASE)  # gemma-2-9b-it, Gemma-2-9B-It-SPPO-Iter2
+# Defaults sized for a laptop CPU, where the embedded model decodes a few tokens a second; raise them on an accelerator.
+MAX_NEW_TOKENS = 64
+CACHE_LENGTH = 4096
+COMPLETION_BANNER = (
+    "Base model: each line you type is continued as plain text, with no chat history "
+    "(--chat forces the chat template). Ctrl-D or /exit quits.\n"
+)
+CHAT_BANNER = "Chat with the model. /reset clears the history, Ctrl-D (or /exit) quits.\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gemma_jax.sample", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m gemma_jax.sample", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
+    )
     p.add_argument(
         "--checkpoint",
-        help="gemma_jax checkpoint, HF checkpoint directory or hub id (default: the embedded Gemma 3 270M)",
+        help="gemma_jax checkpoint, HF checkpoint directory or hub id (default: the embedded Gemma 3 270M, a base "
+        "model)",
     )
-    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (none: interactive chat)")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (none: an interactive loop)")
     p.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="wrap prompts in the Gemma chat template (default: on when the checkpoint's name marks it "
-        "instruction-tuned, e.g. '-it')",
+        help="wrap prompts in the Gemma chat template, and chat with history in the interactive loop (default: on "
+        "when the checkpoint is instruction-tuned: a chat template in its tokenizer files or GGUF, or '-it' in its "
+        "name; off for a base model, which continues text)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens generated per prompt at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-length", type=int, default=16384, help="KV cache tokens per sequence (prompt + output)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
+    p.add_argument(
+        "--cache-length", type=int, default=CACHE_LENGTH, help="KV cache tokens per sequence (prompt + output)"
+    )
     p.add_argument(
         "--dtype",
         choices=sorted(checkpoint.DTYPES),
@@ -58,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="FP8 projections: weight_only (the default with --dtype fp8) or w8a8 (native FP8 matmuls on NVIDIA "
         "sm_89+; elsewhere it falls back to weight_only with a warning)",
     )
-    p.add_argument("--cache-dir", default=None, help="where converted HF checkpoints are kept")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where converted checkpoints are kept (default: $GEMMA_JAX_CACHE, else ~/.cache/gemma_jax)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token_ids, finish_reason")
     sharding.add_cli_args(p)
     return p
@@ -76,19 +92,16 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
         parser.error(str(e))
     sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    cli.use_compilation_cache(args.cache_dir)
     try:
-        path = (
-            checkpoint.resolve(args.checkpoint, cache_dir=args.cache_dir, dtype=args.dtype)
-            if args.checkpoint
-            else default_model.ensure(args.cache_dir)
-        )
+        path = cli.resolve_checkpoint(args.checkpoint, cache_dir=args.cache_dir, dtype=args.dtype)
         quant = args.quant or (fp8.WEIGHT_ONLY if args.dtype == "fp8" else None)
         model = checkpoint.load_model(path, dtype=checkpoint.DTYPES[args.dtype], mesh=mesh, quant=quant)
-        tokenizer = Tokenizer.from_dir(path)
+        tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat or None)  # --chat: no base-model warning
         sampler = Sampler(model, tokenizer, cache_length=args.cache_length, mesh=mesh)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    chat = args.chat if args.chat is not None else _instruction_tuned(path, args.checkpoint or path.name)
+    chat = args.chat if args.chat is not None else tokenizer.instruction_tuned
     settings = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -102,7 +115,7 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
         if args.prompt:
             complete(sampler, args.prompt, chat=chat, as_json=args.json, out=out, **settings)
         else:
-            chat_repl(sampler, input_fn=input_fn, out=out, **settings)
+            repl(sampler, chat=chat, input_fn=input_fn, out=out, **settings)
     except ValueError as e:  # a prompt that does not fit: checked before anything compiles
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except KeyboardInterrupt:
@@ -126,9 +139,10 @@ def complete(sampler: Sampler, prompts: list[str], *, chat: bool, as_json: bool,
             out.write(f"--- {i}: {prompt}\n{c.text}\n")
 
 
-def chat_repl(sampler: Sampler, *, input_fn: Callable[[str], str], out, seed: int, **settings) -> None:
-    """Read a user turn, stream the model's answer, keep both as history. /reset clears it; Ctrl-D ends."""
-    out.write("Chat with the model. /reset clears the history, Ctrl-D (or /exit) quits.\n")
+def repl(sampler: Sampler, *, chat: bool, input_fn: Callable[[str], str], out, seed: int, **settings) -> None:
+    """Read a line, stream the model's answer. `chat`: a conversation kept as history (/reset clears it);
+    otherwise each line is a prompt completed on its own, what a base model is good at. Ctrl-D or /exit ends."""
+    out.write(CHAT_BANNER if chat else COMPLETION_BANNER)
     history: list[dict[str, str]] = []
     while True:
         try:
@@ -140,34 +154,29 @@ def chat_repl(sampler: Sampler, *, input_fn: Callable[[str], str], out, seed: in
             return
         if line == "/reset":
             history.clear()
+            out.write("History cleared.\n" if chat else "Nothing to clear: each line is completed on its own.\n")
             continue
         if not line:
             continue
-        history.append({"role": "user", "content": line})
-        ids = sampler.tokenizer.encode_chat(history)
+        if chat:
+            history.append({"role": "user", "content": line})
+        prompt = sampler.tokenizer.encode_chat(history) if chat else line
         reply = []
         try:
-            for piece in sampler.stream(ids, seed=seed + len(history), **settings):
+            for piece in sampler.stream(prompt, seed=seed + len(history), **settings):
                 out.write(piece)
                 out.flush()
                 reply.append(piece)
         except ValueError as e:  # the conversation outgrew the cache
-            history.pop()
+            if chat:
+                history.pop()
             out.write(f"error: {e}\n")
             continue
-        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat; the part shown stays in the history
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the loop; the part shown stays in the history
             out.write(" [interrupted]")
         out.write("\n")
-        history.append({"role": "assistant", "content": "".join(reply)})
-
-
-def _instruction_tuned(path: pathlib.Path, name: str) -> bool:
-    """Whether the checkpoint's source name marks an instruction-tuned model (-it), so prompts get the chat template."""
-    source = name
-    meta = path / checkpoint.METADATA_FILE
-    if meta.is_file():
-        source = json.loads(meta.read_text(encoding="utf-8")).get("source") or name
-    return any(_INSTRUCTION_TUNED.search(s) for s in (source, name, path.name))
+        if chat:
+            history.append({"role": "assistant", "content": "".join(reply)})
 
 
 if __name__ == "__main__":

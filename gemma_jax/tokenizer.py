@@ -3,6 +3,9 @@
 Gemma's `tokenizer.model` is a BPE model with byte fallback and no dummy prefix, so
 `sentencepiece` gives HF's ids directly; we add what HF adds on top: BOS, control tokens written
 in the text (`<bos>`, `<eos>`, `<pad>`) read as single ids, and the stop ids of the generation config.
+
+A checkpoint's tokenizer also knows whether the model is instruction-tuned (`is_instruction_tuned`):
+only those were trained on the chat template; a base model continues text and rambles when chatted with.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import pathlib
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
@@ -19,6 +23,13 @@ TOKENIZER_FILE = "tokenizer.model"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 _ROLES = {"user": "user", "assistant": "model", "model": "model"}
+# Where HF checkpoints keep a chat template: tokenizer_config.json's "chat_template", or (newer) files of its own.
+# A GGUF's `tokenizer.chat_template` is written to tokenizer_config.json when it is converted (gguf.write_tokenizer).
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# A model card's name marks the kind: gemma-2-9b-it, Gemma-2-9B-It-SPPO-Iter2, gemma-3-1b-it-Q4_K_M.gguf; gemma-3-1b-pt.
+_IT_NAME = re.compile(r"(^|[-_. ])it($|[-_. ])", re.IGNORECASE)
+_BASE_NAME = re.compile(r"(^|[-_. ])pt($|[-_. ])", re.IGNORECASE)
 # Gemma's pieces after pad/eos/bos/unk: <mask> 4, <unused0..100> 5..105, <start_of_turn> 106, <end_of_turn> 107.
 GEMMA_USER_SYMBOLS = ("<mask>", *(f"<unused{i}>" for i in range(101)), START_OF_TURN, END_OF_TURN)
 
@@ -28,9 +39,13 @@ class Tokenizer:
 
     `stop_ids` end generation; by default `<eos>` and, when the vocabulary has it, `<end_of_turn>`
     (what the -it checkpoints' generation_config.json lists). `from_dir` reads them from there.
+    `instruction_tuned` False makes the chat template warn once (a base model was not trained on it);
+    a bare model file says nothing about the model, so it defaults to True; `from_dir` detects it.
     """
 
-    def __init__(self, model_file: str | os.PathLike, *, stop_ids: Iterable[int] | None = None):
+    def __init__(
+        self, model_file: str | os.PathLike, *, stop_ids: Iterable[int] | None = None, instruction_tuned: bool = True
+    ):
         path = pathlib.Path(model_file)
         if not path.is_file():
             raise FileNotFoundError(f"no sentencepiece model at {str(path)!r}: pass the checkpoint's {TOKENIZER_FILE}")
@@ -42,6 +57,8 @@ class Tokenizer:
         if stop_ids is None:
             end_of_turn = self._sp.piece_to_id(END_OF_TURN)
             stop_ids = [self.eos_id] + ([end_of_turn] if end_of_turn != self._sp.unk_id() else [])
+        self.instruction_tuned = instruction_tuned
+        self._warned_base = False
         self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in stop_ids))
         if not self.stop_ids or any(not 0 <= i < self.vocab_size for i in self.stop_ids):
             raise ValueError(f"stop_ids {self.stop_ids} must be a non-empty list of ids below {self.vocab_size}")
@@ -52,15 +69,21 @@ class Tokenizer:
         self._control_re = re.compile(f"({pattern})") if pattern else None
 
     @classmethod
-    def from_dir(cls, ckpt_dir: str | os.PathLike) -> Tokenizer:
-        """The tokenizer of a checkpoint directory; stop ids from its generation_config.json when present."""
+    def from_dir(cls, ckpt_dir: str | os.PathLike, *, instruction_tuned: bool | None = None) -> Tokenizer:
+        """The tokenizer of a checkpoint directory; stop ids from its generation_config.json when present.
+
+        `instruction_tuned` None detects it (`is_instruction_tuned`); True or False overrides the detection.
+        """
         ckpt_dir = pathlib.Path(ckpt_dir)
         model_file = ckpt_dir / TOKENIZER_FILE
         if not model_file.is_file():
             raise FileNotFoundError(
                 f"{str(ckpt_dir)!r} has no {TOKENIZER_FILE}: copy the HF checkpoint's tokenizer.model next to it"
             )
-        return cls(model_file, stop_ids=_generation_stop_ids(ckpt_dir / "generation_config.json"))
+        if instruction_tuned is None:
+            instruction_tuned = is_instruction_tuned(ckpt_dir)
+        stop_ids = _generation_stop_ids(ckpt_dir / "generation_config.json")
+        return cls(model_file, stop_ids=stop_ids, instruction_tuned=instruction_tuned)
 
     @property
     def vocab_size(self) -> int:
@@ -85,13 +108,25 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Gemma-2's chat template: `<bos><start_of_turn>user\\n{text}<end_of_turn>\\n...<start_of_turn>model\\n`.
+        """Gemma's chat template: `<bos><start_of_turn>user\\n{text}<end_of_turn>\\n...<start_of_turn>model\\n`.
 
-        Roles must alternate user/assistant starting with user, and content is stripped, as in the
-        released template. That template rejects a system role; we fold a leading system message
-        into the first user turn (system text, a blank line, user text), as Gemma 3's template does.
+        Character for character Gemma 3's released template (tests/data/gemma3_chat_template.jinja): roles
+        alternate user/assistant starting with user, each turn's content is stripped, and a leading system
+        message is folded, unstripped, into the first user turn (`system + "\\n\\n" + user`). Gemma 2's
+        template renders the same text but rejects a system role. Where the released template would
+        render something no model was trained on (an unknown role, a system message with no user turn
+        after it) we refuse instead. On a base model this warns once: it was not trained on the template.
         """
-        messages = _fold_system(messages)
+        if not self.instruction_tuned and not self._warned_base:
+            self._warned_base = True
+            warnings.warn(
+                f"{self.model_file.parent} holds a base (pretrained) model, not an instruction-tuned one: it was "
+                "not trained on the chat template, so what it generates after a chat prompt rambles; complete "
+                "plain text instead (chat=False), or use an instruction-tuned (-it) checkpoint",
+                UserWarning,
+                stacklevel=2,
+            )
+        prefix, messages = _split_system(messages)
         parts = ["<bos>"]
         for i, message in enumerate(messages):
             role = _ROLES.get(message.get("role", ""))
@@ -99,7 +134,8 @@ class Tokenizer:
                 raise ValueError(f"message {i} has role {message.get('role')!r}; expected user, assistant or system")
             if (role == "user") != (i % 2 == 0):
                 raise ValueError("conversation roles must alternate user/assistant/user/... starting with user")
-            parts.append(f"{START_OF_TURN}{role}\n{message['content'].strip()}{END_OF_TURN}\n")
+            opening = prefix if i == 0 else ""
+            parts.append(f"{START_OF_TURN}{role}\n{opening}{message['content'].strip()}{END_OF_TURN}\n")
         if add_generation_prompt:
             parts.append(f"{START_OF_TURN}model\n")
         return "".join(parts)
@@ -183,16 +219,43 @@ def train(path: str | os.PathLike, sentences: Iterable[str], *, vocab_size: int)
     return Tokenizer(path)
 
 
-def _fold_system(messages: Sequence[Mapping[str, str]]) -> list[Mapping[str, str]]:
+def _split_system(messages: Sequence[Mapping[str, str]]) -> tuple[str, list[Mapping[str, str]]]:
+    """(text that opens the first user turn, the turns): a leading system message becomes `system + "\\n\\n"`.
+
+    As in the released template, the system text is kept as written; only each turn's own content is stripped.
+    """
     messages = list(messages)
     if not messages:
         raise ValueError("messages is empty: pass at least one user message")
     if messages[0].get("role") != "system":
-        return messages
-    system, rest = messages[0]["content"].strip(), messages[1:]
-    if not rest or rest[0].get("role") != "user":
+        return "", messages
+    if len(messages) < 2 or messages[1].get("role") != "user":
         raise ValueError("a system message must be followed by a user message")
-    return [{"role": "user", "content": f"{system}\n\n{rest[0]['content'].strip()}"}, *rest[1:]]
+    return f"{messages[0]['content']}\n\n", messages[1:]
+
+
+def is_instruction_tuned(ckpt_dir: str | os.PathLike) -> bool:
+    """Whether a checkpoint directory holds an instruction-tuned model, so chat gets the template by default.
+
+    The model card's name decides first: `-it` (gemma-2-9b-it, Gemma-2-9B-It-SPPO-Iter2) is instruction-tuned,
+    `-pt` (gemma-3-1b-pt) is base. The names are the checkpoint's recorded source (gemma_jax.json) and the
+    directory's. Otherwise a chat template among the tokenizer files (tokenizer_config.json, chat_template.jinja,
+    .json; a GGUF's `tokenizer.chat_template` lands in tokenizer_config.json) marks an instruction-tuned model.
+    """
+    from gemma_jax.checkpoint import METADATA_FILE  # here: the tokenizer alone needs no JAX
+
+    ckpt_dir = pathlib.Path(ckpt_dir)
+    names = [ckpt_dir.name]
+    if (ckpt_dir / METADATA_FILE).is_file():
+        source = json.loads((ckpt_dir / METADATA_FILE).read_text(encoding="utf-8")).get("source") or ""
+        names.append(pathlib.PurePath(source).name)  # a hub id's repo name, a local path's last component
+    for pattern, tuned in ((_IT_NAME, True), (_BASE_NAME, False)):
+        if any(pattern.search(name) for name in names):
+            return tuned
+    if any((ckpt_dir / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    config = ckpt_dir / TOKENIZER_CONFIG
+    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
 
 
 def _generation_stop_ids(path: pathlib.Path) -> list[int] | None:

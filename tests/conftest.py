@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 # Tests run on the CPU with 8 virtual devices (sharding tests use them; others see device 0).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CLIs keep compiled programs in a persistent cache unless this is set; tests run the CLIs without one.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import numpy as np
 import pytest
@@ -81,3 +89,35 @@ def tiny_tokenizer(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
     return train(path, _TOKENIZER_TEXT.splitlines() * 20, vocab_size=480)
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory):
+    """A gemma_jax cache holding the embedded default model (Gemma 3 270M), converted once per test session."""
+    from gemma_jax import default_model
+
+    pytest.importorskip(default_model.MODULE)
+    pytest.importorskip("gguf")
+    cache = tmp_path_factory.mktemp("gemma_jax_cache")
+    default_model.ensure(cache, progress=False)
+    return cache
+
+
+def start_server(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300):
+    """`python -m gemma_jax.serve ARGS` on a free port, returned once /health answers: (process, base url).
+    Output goes to the process's stdout pipe; a server that exits or never answers fails with it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "gemma_jax.serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {proc.communicate()[0]}")
+        with contextlib.suppress(OSError):
+            if urllib.request.urlopen(f"{url}/health").status == 200:
+                return proc, url
+        time.sleep(0.2)

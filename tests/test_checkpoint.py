@@ -165,6 +165,7 @@ def test_hub_id_downloads_only_needed_files(hf_dirs, tmp_path, monkeypatch):
     ((repo_id, revision, patterns),) = calls
     assert (repo_id, revision) == ("owner/gemma-tiny", "v1")
     assert {"config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"} <= set(patterns)
+    assert {"tokenizer_config.json", "chat_template.jinja"} <= set(patterns)  # where a chat template lives
     assert not any(p.endswith((".bin", ".gguf", ".pt")) for p in patterns)
     meta = json.loads((dst / "gemma_jax.json").read_text())
     assert (meta["source"], meta["revision"], meta["commit"]) == ("owner/gemma-tiny", "v1", "single")
@@ -447,6 +448,8 @@ def test_cli_round_trip_and_error_exit(hf_dirs, tmp_path, capsys):
     assert "exported 46 tensors" in capsys.readouterr().err
     assert hf_tensors(tmp_path / "hf")["model.norm.weight"].dtype == ml_dtypes.bfloat16
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    modes = {f.name: oct(f.stat().st_mode) for f in (tmp_path / "hf").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # shards as readable as config.json and the tokenizer files
     assert hf_to_orbax.main([str(src), str(tmp_path / "ckpt")]) == 1
     assert "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
 

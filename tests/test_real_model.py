@@ -47,13 +47,13 @@ TOKENIZER_CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("gemma_jax_cache")
+def cache(default_model_cache):
+    return default_model_cache
 
 
 @pytest.fixture(scope="module")
 def ckpt(cache):
-    """The default model's checkpoint, converted from the package's files into a fresh cache."""
+    """The default model's checkpoint, converted from the package's files into a fresh cache (once per session)."""
     return default_model.ensure(cache, progress=False)
 
 
@@ -117,6 +117,11 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(gguf_file, tokenizer):
     # Runs of more than 31 spaces: whitespace pieces are user-defined, matched longest first (31 + 9),
     # as sentencepiece and llama.cpp do; transformers' GGUF tokenizer rebuilds them as BPE merges instead.
     assert tokenizer.encode(" " * 40, add_bos=False) == [167, 145]
+
+
+def test_the_default_model_is_taken_for_the_base_model_it_is(ckpt, tokenizer):
+    """No chat template in the GGUF, no -it in its name: the CLIs complete text and the server refuses chat."""
+    assert not tokenizer.instruction_tuned
 
 
 def test_later_runs_reuse_the_cache(ckpt, cache, monkeypatch):

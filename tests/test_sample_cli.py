@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -59,11 +60,13 @@ def test_subprocess_json_batch_matches_hf(hf_dir, cache_dir, tiny_tokenizer):
     prompts = ["Hello world", "你好 🙂"]
     argv = ["--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", "--cache-length", 96,
             "--max-new-tokens", 6, "--json", *(a for p in prompts for a in ("--prompt", p))]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the CLI's own: <cache>/xla
+    env |= {"JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # tiny programs count too
     proc = subprocess.run(
         [sys.executable, "-m", "gemma_jax.sample", *map(str, argv)],
         capture_output=True,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env=env,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -78,7 +81,8 @@ def test_subprocess_json_batch_matches_hf(hf_dir, cache_dir, tiny_tokenizer):
             ref = ref[:-1]
         assert row["token_ids"] == ref
         assert row["text"] == tiny_tokenizer.decode(ref)
-    assert len(list(cache_dir.iterdir())) == 1  # converted once
+    assert len([p for p in cache_dir.iterdir() if p.name != "xla"]) == 1  # converted once
+    assert any((cache_dir / "xla").iterdir())  # compiled programs kept for the next run
 
 
 def test_stream_and_chat_template(capsys, hf_dir, cache_dir):
@@ -91,27 +95,79 @@ def test_stream_and_chat_template(capsys, hf_dir, cache_dir):
 
 def test_chat_repl_keeps_history(capsys, hf_dir, cache_dir, monkeypatch):
     path, _ = hf_dir
+    calls = spy_stream(monkeypatch)
+    user = typed("Hello", "And then?", "/reset", "Hi")
+    code, out = run(capsys, "--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32", "--chat",
+                    "--cache-length", 96, "--max-new-tokens", 4, input_fn=user)  # fmt: skip
+    seen = [list(prompt) for prompt, _ in calls]
+    assert code == 0 and len(seen) == 3
+    assert seen[1][: len(seen[0])] == seen[0]  # the second turn's prompt extends the first conversation
+    assert np.count_nonzero(np.asarray(seen[1]) == 106) == 4  # user, model, user, model turns
+    assert out.out.startswith(sample.CHAT_BANNER) and "History cleared.\n" in out.out
+    assert np.count_nonzero(np.asarray(seen[2]) == 106) == 2  # after /reset: a new conversation
+
+
+def test_base_model_repl_completes_each_line(capsys, hf_dir, cache_dir, monkeypatch):
+    """No chat template, no -it: each line is a plain prompt, no history; the loop says so in one line."""
+    path, _ = hf_dir
+    seen = spy_stream(monkeypatch)
+    user = typed("Hello", "/reset", "world")
+    code, out = run(capsys, "--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32",
+                    "--cache-length", 96, "--max-new-tokens", 4, input_fn=user)  # fmt: skip
+    assert code == 0 and [prompt for prompt, _ in seen] == ["Hello", "world"]
+    assert all(not kw.get("chat") for _, kw in seen)
+    assert out.out.startswith(sample.COMPLETION_BANNER) and sample.COMPLETION_BANNER.count("\n") == 1
+    assert "Nothing to clear" in out.out
+    assert not out.err  # no base-model warning: the template is not used
+
+
+def test_chat_is_on_by_default_only_for_an_instruction_tuned_checkpoint(
+    capsys, hf_dir, cache_dir, tmp_path, monkeypatch
+):
+    path, _ = hf_dir
+    it_dir = tmp_path / "hf_with_template"  # an -it checkpoint's tokenizer_config.json holds its chat template
+    shutil.copytree(path, it_dir)
+    (it_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}"}))
+    seen = spy_stream(monkeypatch)
+    for source in (path, it_dir):
+        run(capsys, "--checkpoint", source, "--cache-dir", cache_dir, "--dtype", "float32", "--cache-length", 96,
+            "--max-new-tokens", 2, "--prompt", "Hi")  # fmt: skip
+    assert [kw["chat"] for _, kw in seen] == [False, True]
+
+
+def test_help_shows_every_default():
+    parser = sample.build_parser()
+    text = " ".join(parser.format_help().split())
+    assert f"(default: {sample.MAX_NEW_TOKENS})" in text and f"(default: {sample.CACHE_LENGTH})" in text
+    for action in parser._actions:
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text or "default" in action.help, action.option_strings
+
+
+def typed(*lines):
+    """An input() that returns `lines`, then raises EOFError (Ctrl-D)."""
+    it = iter(lines)
+
+    def user(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    return user
+
+
+def spy_stream(monkeypatch) -> list:
+    """Record (prompt, keywords) of each Sampler.stream call, which then runs as usual."""
     seen = []
     original = sample.Sampler.stream
 
     def spy(self, prompt, **kw):
-        seen.append(list(prompt))
+        seen.append((prompt, kw))
         return original(self, prompt, **kw)
 
     monkeypatch.setattr(sample.Sampler, "stream", spy)
-    lines = iter(["Hello", "And then?"])
-
-    def user(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    code, _ = run(capsys, "--checkpoint", path, "--cache-dir", cache_dir, "--dtype", "float32",
-                  "--cache-length", 96, "--max-new-tokens", 4, input_fn=user)  # fmt: skip
-    assert code == 0 and len(seen) == 2
-    assert seen[1][: len(seen[0])] == seen[0]  # the second turn's prompt extends the first conversation
-    assert np.count_nonzero(np.asarray(seen[1]) == 106) == 4  # user, model, user, model turns
+    return seen
 
 
 @pytest.mark.parametrize(
@@ -157,7 +213,7 @@ def test_chat_repl_ctrl_c_stops_one_answer(tiny_tokenizer):
 
     lines = iter(["first", "second", "/exit"])
     out = io.StringIO()
-    sample.chat_repl(Interrupted(), input_fn=lambda _: next(lines), out=out, seed=0, max_new_tokens=4)
+    sample.repl(Interrupted(), chat=True, input_fn=lambda _: next(lines), out=out, seed=0, max_new_tokens=4)
     assert out.getvalue().count("partial [interrupted]") == 2
     second = tiny_tokenizer.decode(prompts[1])
     assert "first" in second and "partial" in second and "second" in second

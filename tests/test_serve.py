@@ -15,10 +15,9 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from email.message import Message
@@ -26,7 +25,7 @@ from email.message import Message
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_model
+from conftest import hf_model, start_server
 
 import gemma_jax as gj
 from gemma_jax import checkpoint
@@ -50,7 +49,8 @@ POLICY = Policy(max_body_bytes=64 * 1024, max_n=8, max_stop=4, max_stop_chars=16
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tiny_tokenizer):
-    """A random HF Gemma-2 saved with save_pretrained plus the tiny tokenizer, converted to gemma_jax (float32)."""
+    """A random HF Gemma-2 saved with save_pretrained plus the tiny tokenizer, converted to gemma_jax (float32);
+    its tokenizer_config.json carries a chat template, as an instruction-tuned checkpoint's does."""
     import torch
 
     hf = hf_model(CONFIG, seed=0)
@@ -60,19 +60,27 @@ def ckpt(tmp_path_factory, tiny_tokenizer):
     hf.save_pretrained(root / "hf")
     shutil.copy(tiny_tokenizer.model_file, root / "hf" / "tokenizer.model")
     (root / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": STOP_IDS}))
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}..."}))
     return checkpoint.convert_hf(root / "hf", root / "ckpt", dtype="float32", progress=False)
 
 
 class Server:
     """The server (`make_server`) on 127.0.0.1 and a free port, in a thread."""
 
-    def __init__(self, engine: Engine, policy: Policy = POLICY, drain_timeout: float | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str = MODEL,
+        policy: Policy = POLICY,
+        drain_timeout: float | None = None,
+        **app_options,
+    ):
         self.engine = engine
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(engine, model_name=MODEL, policy=policy)
+        app = create_app(engine, model_name=model_name, policy=policy, **app_options)
         self.uvicorn = make_server(app, engine, drain_timeout=drain_timeout, log_level="warning")
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
@@ -438,27 +446,18 @@ def test_shutdown_drains_in_flight_streams(ckpt, reference, monkeypatch):
         other.client().models.list()
 
 
-def test_cli_serves_fp8_and_shuts_down_on_sigterm(ckpt):
+def test_cli_serves_fp8_and_shuts_down_on_sigterm(base_ckpt):
     """`python -m gemma_jax.serve --dtype fp8`: compiles, opens the port, answers; SIGTERM shuts it down gracefully,
-    at once although connections hold half a request, and the exit status is 0."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "gemma_jax.serve", "--checkpoint", str(ckpt), "--port", str(port)]
-    command += ["--dtype", "fp8", "--cache-length", "128", "--slots", "2", "--served-model-name", MODEL]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    at once although connections hold half a request, and the exit status is 0. The checkpoint is a base model:
+    --chat forces the template; the model is named by the directory's name."""
+    args = ["--checkpoint", str(base_ckpt), "--dtype", "fp8", "--cache-length", "128", "--slots", "2", "--chat"]
+    proc, url = start_server(args, timeout=180)
+    port = int(url.rsplit(":", 1)[1])
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout and proc.stdout.read()
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/health").status == 200:
-                    break
-            time.sleep(0.2)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [str(base_ckpt)]  # --checkpoint as given
         messages = [{"role": "user", "content": PROMPTS[0]}]
-        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        out = client.chat.completions.create(model=base_ckpt.name, messages=messages, max_tokens=8, temperature=0)
         assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 1
         body = json.dumps({"model": MODEL, "messages": messages}).encode()
         head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
@@ -722,3 +721,86 @@ def test_drain_deadline_ends_streams_with_an_error_event_and_done(ckpt, monkeypa
         "gemma_jax_requests_total", {"finish_reason": "cancelled"}
     )
     assert cancelled == 1
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(ckpt, tmp_path_factory):
+    """The same weights without a chat template: a base model, as the embedded default is."""
+    base = tmp_path_factory.mktemp("base") / "tiny-base"
+    shutil.copytree(ckpt, base)
+    (base / "tokenizer_config.json").unlink()
+    return base
+
+
+class NoEngine:
+    """Stands in for an Engine where a request is answered before it reaches one."""
+
+    running = True
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.sampler = types.SimpleNamespace(tokenizer=tokenizer, cache_length=CONTEXT)
+
+    def start(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_base_model_refuses_chat_and_points_to_completions(ckpt, base_ckpt):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    for tokenizer, forced in ((Tokenizer.from_dir(base_ckpt), None), (Tokenizer.from_dir(ckpt), False)):
+        s = Server(NoEngine(tokenizer), chat=forced)
+        try:
+            code, reply, _ = post(f"{s.url}/v1/chat/completions", chat)
+        finally:
+            s.stop()
+        assert code == 400 and reply["error"]["param"] == "model"
+        message = reply["error"]["message"]
+        assert all(w in message for w in ("base (pretrained) model", "/v1/completions", "instruction-tuned", "--chat"))
+
+
+def test_the_served_name_accepts_the_checkpoint_as_given_and_its_directory_name(tiny_tokenizer):
+    s = Server(NoEngine(tiny_tokenizer), model_name="~/ckpt/sppo-iter2", aliases=["sppo-iter2"])
+    try:
+        client = s.client()
+        assert [m.id for m in client.models.list().data] == ["~/ckpt/sppo-iter2"]  # the name to use
+        assert client.models.retrieve("sppo-iter2").id == "~/ckpt/sppo-iter2"
+        with pytest.raises(openai.NotFoundError, match="serves '~/ckpt/sppo-iter2'"):
+            client.models.retrieve("other")
+    finally:
+        s.stop()
+
+
+def test_served_names(tmp_path, monkeypatch):
+    from gemma_jax.serve.__main__ import served_names
+
+    (tmp_path / "ckpt" / "sppo-iter2").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert served_names(None) == ["gemma-3-270m"]  # the embedded default model
+    assert served_names("UCLA-AGI/Gemma-2-9B-It-SPPO-Iter2") == ["UCLA-AGI/Gemma-2-9B-It-SPPO-Iter2"]
+    assert served_names("ckpt/sppo-iter2/") == ["ckpt/sppo-iter2/", "sppo-iter2"]
+    assert served_names("ckpt/sppo-iter2", "sppo") == ["sppo", "ckpt/sppo-iter2", "sppo-iter2"]
+
+
+def test_without_a_checkpoint_the_cli_serves_the_default_model(base_ckpt, monkeypatch):
+    """As `python -m gemma_jax.sample` does: the embedded model (here stood in for by the tiny base checkpoint),
+    in float32, under its model card's name, with slots and context sized for a CPU; a base model."""
+    from gemma_jax import default_model
+    from gemma_jax.serve import __main__ as serve_main
+
+    ensured, served = [], []
+    monkeypatch.setattr(default_model, "ensure", lambda cache=None: ensured.append(cache) or base_ckpt)
+    monkeypatch.setattr(serve_main.sharding, "maybe_initialize_distributed", lambda *a: False)
+    monkeypatch.setattr(serve_main.Engine, "warmup", lambda self: None)
+    monkeypatch.setattr(serve_main, "create_app", lambda engine, **options: served.append((engine, options)))
+    monkeypatch.setattr(serve_main.server, "make_server", lambda app, engine, **kw: None)
+    monkeypatch.setattr(serve_main.server, "run", lambda server: 0)
+    assert serve_main.main([]) == 0
+    ((engine, options),) = served
+    assert ensured == [None] and (options["model_name"], options["aliases"]) == ("gemma-3-270m", [])
+    assert engine.sampler.cache_dtype == jnp.float32 and not engine.sampler.tokenizer.instruction_tuned
+    assert (engine.slots, engine.sampler.cache_length) == (4, 2048)  # sized for a CPU, as the sampler's defaults

@@ -2,7 +2,7 @@
 
 `engine.py` runs the batch (requests join and leave free decode rows between jitted decode calls),
 `app.py` is the HTTP layer (FastAPI, SSE streaming, Prometheus metrics), `protocol.py` the request
-schemas. Needs the `serve` extra: `pip install "gemma-jax[serve]"`.
+schemas. Needs the `serve` extra: `pip install -e ".[serve]"` in the clone.
 """
 
 from gemma_jax.serve.app import create_app

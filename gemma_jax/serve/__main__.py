@@ -1,9 +1,11 @@
 """`python -m gemma_jax.serve`: an OpenAI-compatible HTTP server with continuous batching.
 
 --checkpoint takes a gemma_jax checkpoint, an HF checkpoint directory or a hub id (HF sources are
-converted once into the cache and reused). The server compiles its programs before it opens the
-port; Ctrl-C or SIGTERM stops taking requests and finishes the ones in flight (a second Ctrl-C
-quits at once).
+converted once into the cache and reused); without it the embedded Gemma 3 270M is served, as
+`python -m gemma_jax.sample` runs it. A base model (like that one) answers /v1/completions; its
+/v1/chat/completions refuses with a 400 unless --chat forces the template. The server compiles its
+programs before it opens the port; Ctrl-C or SIGTERM stops taking requests and finishes the ones in
+flight (a second Ctrl-C quits at once).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from gemma_jax import checkpoint, fp8, sharding
+from gemma_jax import checkpoint, cli, default_model, fp8, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.config import ConfigError
 from gemma_jax.sampler import Sampler
@@ -30,18 +32,32 @@ _ALIASES = {"bfloat16": "bf16", "float32": "f32"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gemma_jax.serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="gemma_jax checkpoint, HF checkpoint directory or hub id")
+    p = argparse.ArgumentParser(
+        prog="python -m gemma_jax.serve", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="gemma_jax checkpoint, HF checkpoint directory or hub id (default: the embedded Gemma 3 270M, a base "
+        f"model, served as '{default_model.NAME}')",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--slots", type=_positive, default=16, help="decode slots: requests generated at once")
-    p.add_argument("--cache-length", type=_positive, default=16384, help="context per slot: prompt + completion")
+    p.add_argument(
+        "--slots",
+        type=_positive,
+        help="decode slots: requests generated at once (default: 16; 4 for the embedded model, sized for a CPU)",
+    )
+    p.add_argument(
+        "--cache-length",
+        type=_positive,
+        help="context per slot: prompt + completion (default: 16384; 2048 for the embedded model)",
+    )
     p.add_argument(
         "--dtype",
         type=lambda s: _ALIASES.get(s, s),
         choices=sorted(DTYPES),
-        default="bf16",
-        help="bf16; f32; fp8: projections in e4m3 (an FP8 checkpoint as stored, a float one quantized at load)",
+        help="bf16; f32; fp8: projections in e4m3 (an FP8 checkpoint as stored, a float one quantized at load) "
+        "(default: bf16; f32 for the embedded model, as the sampler runs it)",
     )
     p.add_argument(
         "--quant", choices=fp8.MODES, default=fp8.WEIGHT_ONLY, help="FP8 compute mode with --dtype fp8 (see fp8.py)"
@@ -51,8 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-steps", type=_positive, default=4, help="decode steps per jit call: new requests join between calls"
     )
     p.add_argument("--prefill-chunk", type=_positive, default=2048, help="longest prompt piece prefilled at once")
-    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: from --checkpoint)")
-    p.add_argument("--cache-dir", default=None, help="where converted HF checkpoints are kept")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the `model` clients send, listed by /v1/models (default: --checkpoint as given; its directory's name "
+        "is accepted too)",
+    )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve /v1/chat/completions with the Gemma chat template (default: when the checkpoint is "
+        "instruction-tuned; a base model's chat requests get a 400 that points to /v1/completions)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where converted checkpoints are kept (default: $GEMMA_JAX_CACHE, else ~/.cache/gemma_jax)",
+    )
     p.add_argument(
         "--drain-timeout",
         type=float,
@@ -73,12 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_count() > 1:
         parser.exit(2, f"{parser.prog}: error: serving runs on one host; shard over its devices with --mesh\n")
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    embedded = args.checkpoint is None  # the CPU demo: served as the sampler runs it, in float32, sized for a CPU
+    args.dtype = args.dtype or (_ALIASES[default_model.DTYPE] if embedded else "bf16")
+    args.slots = args.slots or (4 if embedded else 16)
+    args.cache_length = args.cache_length or (2048 if embedded else 16384)
     storage, compute = DTYPES[args.dtype]
+    cli.use_compilation_cache(args.cache_dir)
     try:
-        path = checkpoint.resolve(args.checkpoint, cache_dir=args.cache_dir, dtype=storage)
+        path = cli.resolve_checkpoint(args.checkpoint, cache_dir=args.cache_dir, dtype=storage)
         quant = args.quant if args.dtype == "fp8" else None
         model = checkpoint.load_model(path, dtype=compute, mesh=mesh, quant=quant)
-        tokenizer = Tokenizer.from_dir(path)
+        tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat)
         sampler = Sampler(model, tokenizer, cache_length=args.cache_length, prefill_chunk=args.prefill_chunk, mesh=mesh)
         engine = Engine(sampler, slots=args.slots, decode_steps=args.decode_steps, max_queue=args.max_queue)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
@@ -87,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "compiling: %d slots x %d tokens of context, %s", args.slots, args.cache_length, args.dtype
     )
     engine.warmup()
-    name = args.served_model_name or _model_name(args.checkpoint)
-    app = create_app(engine, model_name=name, policy=policy.from_args(args))
+    names = served_names(args.checkpoint, args.served_model_name)
+    app = create_app(engine, model_name=names[0], aliases=names[1:], policy=policy.from_args(args))
     return server.run(
         server.make_server(
             app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level
@@ -96,10 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def _model_name(source: str) -> str:
-    """A hub id as given; a local directory by its name."""
-    path = pathlib.Path(source).expanduser()
-    return path.resolve().name if path.exists() else source
+def served_names(source: str | None, served_model_name: str | None = None) -> list[str]:
+    """The `model` names the server answers to, the one /v1/models lists first: --served-model-name, else
+    --checkpoint as given (a hub id, a path as typed), else the default model's name; a local checkpoint's
+    directory name is accepted too, so a client that sends either gets the model."""
+    names = [served_model_name or source or default_model.NAME]
+    if source:
+        names.append(source)
+        local = pathlib.Path(source).expanduser()
+        if local.exists():
+            names.append(local.resolve().name)
+    return list(dict.fromkeys(names))
 
 
 def _positive(s: str) -> int:

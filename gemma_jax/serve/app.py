@@ -2,11 +2,11 @@
 /health and Prometheus /metrics, over one `Engine`.
 
 Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`: invalid
-requests 400, a missing API key 401, unknown model 404, a body over the limit 413, a full server
-429, shutting down 503, a failed generation 500. Bodies are parsed and prompts tokenized on worker
-threads, never on the event loop; the bounds of the server's `Policy` are checked as a body is validated.
-A streamed request whose client goes away is cancelled, and so is a non-streamed one: either way
-its slot is freed before the next decode call.
+requests 400 (a chat request to a base model too: it was not trained on the template), a missing API
+key 401, unknown model 404, a body over the limit 413, a full server 429, shutting down 503, a failed
+generation 500. Bodies are parsed and prompts tokenized on worker threads, never on the event loop; the
+bounds of the server's `Policy` are checked as a body is validated. A streamed request whose client goes
+away is cancelled, and so is a non-streamed one: either way its slot is freed before the next decode call.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -120,12 +120,21 @@ class _EventStream(StreamingResponse):
             self._handle.cancel()
 
 
-def create_app(engine: Engine, *, model_name: str, policy: Policy | None = None) -> FastAPI:
-    """The ASGI app serving `engine` as model `model_name` under `policy` (default: `Policy()`).
-
-    Its lifespan starts and drains the engine.
-    """
+def create_app(
+    engine: Engine,
+    *,
+    model_name: str,
+    aliases: Iterable[str] = (),
+    chat: bool | None = None,
+    policy: Policy | None = None,
+) -> FastAPI:
+    """The ASGI app serving `engine` as model `model_name` (requests may also name one of `aliases`) under
+    `policy` (default: `Policy()`); its lifespan starts and drains the engine. /v1/chat/completions applies
+    the chat template when `chat`, by default when the tokenizer's checkpoint is instruction-tuned;
+    otherwise it answers 400."""
     tokenizer = engine.sampler.tokenizer
+    names = {model_name, *aliases}
+    chat = tokenizer.instruction_tuned if chat is None else chat
     context = engine.sampler.cache_length
     started = int(time.time())
 
@@ -181,12 +190,12 @@ def create_app(engine: Engine, *, model_name: str, policy: Policy | None = None)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        _check_model(model_id, model_name)
+        _check_model(model_id, names, model_name)
         return model_card()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Response:
-        _check_model(body.model, model_name)
+        _check_model(body.model, names, model_name)
         if not body.prompts:
             raise invalid("'prompt' is empty", "prompt")
         prompts = await run_in_threadpool(_encode_prompts, tokenizer, body.prompts)
@@ -195,7 +204,14 @@ def create_app(engine: Engine, *, model_name: str, policy: Policy | None = None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
-        _check_model(body.model, model_name)
+        _check_model(body.model, names, model_name)
+        if not chat:
+            raise invalid(
+                f"'{model_name}' is a base (pretrained) model, not instruction-tuned: it was not trained on a chat "
+                "template and would ramble. Send a plain prompt to /v1/completions, or serve an instruction-tuned "
+                "checkpoint (start the server with --chat to apply the template anyway)",
+                "model",
+            )
         try:
             prompt = await run_in_threadpool(tokenizer.encode_chat, body.chat)
         except ValueError as e:
@@ -311,8 +327,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def _check_model(name: str, served: str) -> None:
-    if name != served:
+def _check_model(name: str, names: set[str], served: str) -> None:
+    if name not in names:
         raise ApiError(
             404,
             f"The model '{name}' does not exist; this server serves '{served}'",
