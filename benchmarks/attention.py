@@ -14,6 +14,8 @@ Parts:
   peers   the configs of ../shared/peers (tiny and 2b-slice, fp32 and bf16, batch 1 and 8, 512-token prompt):
           ours with the default 16k cache beside HF (eager) and DeepMind `gemma`, each run by its own script in
           a subprocess (DM needs its own venv: --dm-python; see ../shared/peers/README.md).
+  bf16    the real 270M on 500+ tokens of fixed text (README.md): bfloat16 against float32 logits, top-1
+          agreement and the largest logit difference; and its decode tok/s in both (which default is faster).
   gpu     9B shape, random weights, bf16 and FP8, batch 1 and 16, 128 and 8k tokens filled, 16k cache:
           decode tok/s and the fraction of the HBM roofline; 2k-token prefill MFU.
 """
@@ -267,6 +269,35 @@ def part_peers(args) -> None:
     print("targets: prefill /DM >= 1.0, decode /DM >= 1.2 on every case; bf16/fp32 >= 1.0")
 
 
+# ------------------------------------------------------------------------------------------------- bf16
+
+
+def part_bf16(args) -> None:
+    from gemma_jax import checkpoint, default_model
+    from gemma_jax.tokenizer import Tokenizer
+
+    ckpt = default_model.ensure()
+    tok = Tokenizer.from_dir(ckpt)
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()[:2500]
+    ids = jnp.asarray([tok.encode(text)])
+    logits = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = checkpoint.load_model(ckpt, dtype=dtype)
+        logits[dtype] = jax.jit(lambda m, x: m(x)[0])(model, ids)[0]
+    f32, bf16 = logits[jnp.float32], logits[jnp.bfloat16]
+    agree = float(jnp.mean(jnp.argmax(f32, -1) == jnp.argmax(bf16, -1)))
+    print(f"\n## bf16: Gemma 3 270M, {ids.shape[1]} tokens of README.md, bfloat16 vs float32 logits")
+    print(f"  top-1 agreement {agree:.4f}, max |logit diff| {float(jnp.max(jnp.abs(f32 - bf16))):.3f}")
+    speed = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = checkpoint.load_model(ckpt, dtype=dtype)
+        speed[dtype] = bench_ours(Sampler(model, tok), model.config, 1, 128, 32, args.repeats)["decode"]
+        print(
+            f"  decode {jnp.dtype(dtype).name:<8}: {speed[dtype]:.1f} tok/s (batch 1, 128-token prompt, default cache)"
+        )
+    print(ratio_line("decode bf16 / float32", speed[jnp.bfloat16] / speed[jnp.float32], ">= 1.0 for bf16 as a default"))
+
+
 # -------------------------------------------------------------------------------------------------- gpu
 
 
@@ -311,7 +342,14 @@ def part_gpu(args) -> None:
         print(line + (f", MFU {flops / s / peak:.0%}" if peak else ""), flush=True)
 
 
-PARTS = {"real": part_real, "step": part_step, "memory": part_memory, "peers": part_peers, "gpu": part_gpu}
+PARTS = {
+    "real": part_real,
+    "step": part_step,
+    "memory": part_memory,
+    "peers": part_peers,
+    "bf16": part_bf16,
+    "gpu": part_gpu,
+}
 
 
 def main() -> None:

@@ -74,6 +74,18 @@ def test_kernel_equals_blockwise(kernel, name):
     assert not got[free].any()  # a free row attends to nothing
 
 
+DEVICE_KERNEL = pallas_decode.backend_kernel(jax.default_backend())
+
+
+@pytest.mark.skipif(DEVICE_KERNEL is None, reason="compiles the kernel for a GPU or TPU; this machine has neither")
+@pytest.mark.parametrize("name", CASES)
+def test_compiled_kernel_on_this_device(name, monkeypatch):
+    """benchmarks/gpu_check.sh runs this where a GPU or TPU is lent: the kernel compiled, with its default blocks."""
+    monkeypatch.setitem(KERNELS, "device", lambda *a, block, **kw: DEVICE_KERNEL(*a, **kw))
+    got, want = run("device", *CASES[name])
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3)  # float32 dots may run as TF32 on a GPU
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bfloat16(kernel):
     got, want = run(kernel, [100, 5, 33], 64, 64, 16, CAP, False, dtype=jnp.bfloat16)

@@ -221,8 +221,18 @@ def test_sharded_sampler_matches_single_device(models, tiny_tokenizer):
 
 
 def test_9b_cache_at_16k_is_3_5_gb(tiny_tokenizer):
-    """The Sampler's default cache for one 9B sequence: sliding layers hold a 4096 ring, global layers 16k."""
-    sampler = Sampler(gj.abstract_model(gj.gemma2_9b(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), tiny_tokenizer)
+    """The Sampler's default cache for one 9B sequence in bf16 (an accelerator's default; CPUs get float32, see
+    test_cache_dtype_defaults): sliding layers hold a 4096 ring, global layers 16k."""
+    model = gj.abstract_model(gj.gemma2_9b(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    sampler = Sampler(model, tiny_tokenizer, cache_dtype=sampler_lib.default_cache_dtype(jnp.bfloat16, "gpu"))
     cache = jax.eval_shape(lambda: sampler.new_cache(1))
     kv_bytes = sum(x.size * x.dtype.itemsize for c in cache.groups for x in (c.k, c.v))
     assert sampler.cache_length == 16384 and 3.4e9 < kv_bytes < 3.6e9  # a full-length cache would be 5.6 GB
+
+
+def test_cache_dtype_defaults():
+    """The compute dtype, but float32 on CPU for sub-32-bit floats (XLA:CPU converts a bf16 cache whole per step)."""
+    assert sampler_lib.default_cache_dtype(jnp.bfloat16, "gpu") == jnp.bfloat16
+    assert sampler_lib.default_cache_dtype(jnp.bfloat16, "tpu") == jnp.bfloat16
+    assert sampler_lib.default_cache_dtype(jnp.bfloat16, "cpu") == jnp.float32
+    assert sampler_lib.default_cache_dtype(jnp.float32, "cpu") == jnp.float32
