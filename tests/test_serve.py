@@ -70,9 +70,9 @@ class Server:
     def __init__(
         self,
         engine: Engine,
-        model_name: str = MODEL,
         policy: Policy = POLICY,
         drain_timeout: float | None = None,
+        model_name: str = MODEL,
         **app_options,
     ):
         self.engine = engine
