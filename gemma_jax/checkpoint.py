@@ -46,6 +46,7 @@ from gemma_jax.checkpoint_errors import (
 )
 from gemma_jax.config import GemmaConfig
 from gemma_jax.quant import Fp8Error
+from gemma_jax.sharding import param_shardings
 from gemma_jax.transformer import Transformer, abstract_model, from_params
 
 PARAMS_DIR = "params"
@@ -202,8 +203,6 @@ def load_model(
     param_dtype = jnp.dtype(param_dtype or DTYPES[stored])
     shardings = None
     if mesh is not None:
-        from gemma_jax.sharding import param_shardings  # only meshes need the sharding rules
-
         config = GemmaConfig.from_hf(path / "config.json")
         abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
         if stored == "fp8":
