@@ -147,20 +147,22 @@ def converted(tmp_path_factory, tiny_tokenizer):
     return directory, out
 
 
+def assert_same_tree(got: dict, want: dict) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
 def test_int8_checkpoint_round_trips_serves_and_halves_projection_bytes(converted, tmp_path):
     _, paths = converted
-    stored = {dtype: ck._stored_tree(path) for dtype, path in paths.items()}
-    ratio = projection_bytes(stored["int8"], CONFIG) / projection_bytes(stored["bfloat16"], CONFIG)
-    assert ratio <= 0.55, ratio
-    assert json.loads((paths["int8"] / "gemma_jax.json").read_text())["dtype"] == "int8"
-
     config, tree = ck.load(paths["int8"])
-    _, bf16 = ck.load(paths["bfloat16"])
-    expected = fp8.quantize_params(config, bf16, storage="int8")
     assert fp8.storage_of(tree) == "int8"
-    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(expected), strict=True):
-        assert got.dtype == want.dtype
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert json.loads((paths["int8"] / "gemma_jax.json").read_text())["dtype"] == "int8"
+    # Stored exactly as quantize_params makes it from the bf16 weights, in about half the projection bytes.
+    assert_same_tree(tree, fp8.quantize_params(config, ck.load(paths["bfloat16"])[1], storage="int8"))
+    int8_bytes, bf16_bytes = (projection_bytes(ck._stored_tree(paths[d]), CONFIG) for d in ("int8", "bfloat16"))
+    assert int8_bytes / bf16_bytes <= 0.55, int8_bytes / bf16_bytes
 
     # An int8 checkpoint serves as stored; a bf16 one quantized at load to int8 is the same model.
     tokens = jnp.asarray(np.random.default_rng(5).integers(1, CONFIG.vocab_size, (4, 16)), jnp.int32)
@@ -179,9 +181,7 @@ def test_int8_checkpoint_round_trips_serves_and_halves_projection_bytes(converte
         assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)
 
     # save(dtype="int8") stores int8 params as they are; other dtypes are refused before anything is written.
-    _, again = ck.load(ck.save(tmp_path / "again", config, tree, dtype="int8"))
-    for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(tree), strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_tree(ck.load(ck.save(tmp_path / "again", config, tree, dtype="int8"))[1], tree)
     with pytest.raises(CheckpointError, match="these are INT8 params: save them with dtype='int8', not 'fp8'"):
         ck.save(tmp_path / "bad", config, tree, dtype="fp8")
     assert not (tmp_path / "bad").exists()
