@@ -432,13 +432,14 @@ def test_shutdown_drains_in_flight_streams(ckpt, reference, monkeypatch):
         other.client().models.list()
 
 
-def test_cli_serves_fp8_and_shuts_down_on_sigterm(ckpt):
-    """`python -m gemma_jax.serve --dtype fp8`: compiles, opens the port, answers; SIGTERM shuts it down gracefully."""
+@pytest.mark.parametrize("dtype", ["fp8", "int8"])
+def test_cli_serves_8bit_and_shuts_down_on_sigterm(ckpt, dtype):
+    """`python -m gemma_jax.serve --dtype fp8` (or int8): compiles, opens the port, answers; SIGTERM shuts it down."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "gemma_jax.serve", "--checkpoint", str(ckpt), "--port", str(port)]
-    command += ["--dtype", "fp8", "--cache-length", "128", "--slots", "2", "--served-model-name", MODEL]
+    command += ["--dtype", dtype, "--cache-length", "128", "--slots", "2", "--served-model-name", MODEL]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
