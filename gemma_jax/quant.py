@@ -163,9 +163,10 @@ def dequantize_kernel(q: jax.Array, scale: jax.Array, contracting_axes: int | tu
 def einsum(spec: str, x: jax.Array, w: jax.Array | QArray) -> jax.Array:
     """einsum(spec, x, w) for a float kernel w, or a `QArray` kernel [O..., K...]; output in x's dtype.
 
-    Float: w is cast to x's dtype. Weight-only: the 8-bit values are upcast inside the matmul (exact: every
-    e4m3 value and every int8 is a bf16) so only 8-bit bytes are read, and the per-channel scale multiplies
-    the float32 output.
+    Float: w is cast to x's dtype and the product accumulates in float32 (more exact in bfloat16, and XLA's
+    CPU bf16 dot is fast only with an f32 result). Weight-only: the 8-bit values are upcast inside the matmul
+    (exact: every e4m3 value and every int8 is a bf16) so only 8-bit bytes are read, and the per-channel
+    scale multiplies the float32 output.
     W8A8: x is flattened to [M, K] and quantized per token to the kernel's dtype; the 8-bit x 8-bit
     `dot_general` with one contracting and one free dimension per operand is the pattern XLA lowers to a
     native GEMM: cuBLASLt's FP8 GEMM on Hopper, the int8 MXU path (int32 accumulation) on TPU. Per-channel and
@@ -173,7 +174,7 @@ def einsum(spec: str, x: jax.Array, w: jax.Array | QArray) -> jax.Array:
     """
     dtype = x.dtype
     if not isinstance(w, QArray):
-        return jnp.einsum(spec, x, w.astype(dtype))
+        return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     b, k, o = split_spec(spec)
     if not w.w8a8:
         y = jnp.einsum(f"{b}{k},{o}{k}->{b}{o}", x, w.values.astype(dtype), preferred_element_type=jnp.float32)

@@ -85,7 +85,7 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Gemma 2 and 3's chat template: `<bos><start_of_turn>user\\n{text}<end_of_turn>\\n...<start_of_turn>model\\n`.
+        """Gemma-2's chat template: `<bos><start_of_turn>user\\n{text}<end_of_turn>\\n...<start_of_turn>model\\n`.
 
         Roles must alternate user/assistant starting with user, and content is stripped, as in the
         released template. That template rejects a system role; we fold a leading system message
