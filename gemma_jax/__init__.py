@@ -1,4 +1,4 @@
-"""gemma_jax: Gemma-2 in JAX/Flax NNX, exact to HF transformers."""
+"""gemma_jax: Gemma 2 and Gemma 3 (text) in JAX/Flax NNX, exact to HF transformers."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -1,4 +1,4 @@
-"""Decoder layer with Gemma-2's sandwich norms, and a group of layers (one period of the layer pattern)."""
+"""Decoder layer with the sandwich norms of Gemma 2 and 3, and a group of layers (one period of the layer pattern)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from gemma_jax.config import GemmaConfig
 from gemma_jax.kv_cache import LayerCache
 from gemma_jax.mlp import MLP
 from gemma_jax.norm import RMSNorm
-from gemma_jax.sharding import RESIDUAL, constrain
+from gemma_jax.partitioning import RESIDUAL, constrain
 
 
 class Block(nnx.Module):

@@ -49,15 +49,17 @@ from gemma_jax.checkpoint_errors import (
     UnexpectedTensorError,
 )
 from gemma_jax.config import GemmaConfig
-from gemma_jax.quant import Fp8Error
+from gemma_jax.quant import QuantError
+from gemma_jax.sharding import param_shardings
 from gemma_jax.transformer import Transformer, abstract_model, from_params
 
 PARAMS_DIR = "params"
 METADATA_FILE = "gemma_jax.json"
 # Written last into an HF export, so `--overwrite` can tell a directory `export_hf` wrote from any other.
 EXPORT_FILE = "gemma_jax_export.json"
-# Storage dtypes `convert_hf` writes; "fp8": projections as e4m3 + per-channel scales (gemma_jax.fp8), the rest bf16.
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "fp8": jnp.bfloat16}
+# Storage dtypes `convert_hf` writes; "fp8" / "int8": projections as e4m3 / int8 + per-channel scales
+# (gemma_jax.fp8), the rest bf16.
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "fp8": jnp.bfloat16, "int8": jnp.bfloat16}
 _CHUNK_BYTES = 64 << 20
 PathLike = str | os.PathLike
 
@@ -98,7 +100,8 @@ def convert_hf(
     _check_tensors(tensors, config)
     start = time.perf_counter()
     with _staging(dst) as tmp:
-        nbytes = _write_params(tmp / PARAMS_DIR, tensors, config, param_dtype, progress, quantize=dtype == "fp8")
+        storage = dtype if dtype in fp8.STORAGES else None
+        nbytes = _write_params(tmp / PARAMS_DIR, tensors, config, param_dtype, progress, storage=storage)
         _write_json(tmp / "config.json", config.to_hf())
         _copy_tokenizer(source.directory, tmp)
         meta = _metadata(source.source, dtype, revision=source.revision, commit=source.commit)
@@ -122,8 +125,11 @@ def export_hf(
     max_shard_size plus the largest parameter. `dtype` None keeps the stored dtype.
     """
     src = _checkpoint_dir(src)
-    if _read_json(src / METADATA_FILE)["dtype"] == "fp8":
-        raise CheckpointError(f"{src} is an FP8 checkpoint; export the bf16 or float32 checkpoint it came from")
+    stored = _read_json(src / METADATA_FILE)["dtype"]
+    if stored in fp8.STORAGES:
+        raise CheckpointError(
+            f"{src} is an {stored.upper()} checkpoint; export the bf16 or float32 checkpoint it came from"
+        )
     dst = check_destination(dst, overwrite, sources=[src], kind=HF_EXPORT)
     config = GemmaConfig.from_hf(src / "config.json")
     stored = _stored_tree(src)
@@ -167,8 +173,8 @@ def load(
 ) -> tuple[GemmaConfig, dict]:
     """(config, params) from a checkpoint; params in our nested layout, as jax arrays.
 
-    `dtype` casts every float parameter while restoring (None keeps the stored dtype); in an FP8
-    checkpoint the e4m3 kernels and their float32 scales keep theirs.
+    `dtype` casts every float parameter while restoring (None keeps the stored dtype); in an FP8 or
+    int8 checkpoint the 8-bit kernels and their float32 scales keep theirs.
     `shardings` is a pytree of `jax.sharding.Sharding` matching params (e.g. from
     `gemma_jax.sharding.param_shardings`) or one Sharding for all; Orbax then reads into each
     device only its shard, with no full host copy. Without it params land on the default device.
@@ -181,7 +187,7 @@ def load(
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, stored)
     cast = None if dtype is None else jnp.dtype(dtype)
-    float_dtype = stored["embedder"]["embedding"].dtype  # that of every leaf but FP8 kernels and scales
+    float_dtype = stored["embedder"]["embedding"].dtype  # that of every leaf but 8-bit kernels and scales
 
     def target(meta, sharding):
         leaf_dtype = cast if cast is not None and meta.dtype == float_dtype else meta.dtype
@@ -202,33 +208,43 @@ def load_model(
     param_dtype: jnp.dtype | None = None,
     mesh: jax.sharding.Mesh | None = None,
     quant: str | None = None,
+    storage: str | None = None,
 ) -> Transformer:
     """A ready Transformer computing in `dtype`; params in `param_dtype` (default: as stored).
 
     With `mesh`, parameters are restored straight into the shardings `gemma_jax.sharding`
     derives from their logical axes. `quant` ("weight_only" or "w8a8", see `gemma_jax.fp8`) runs
-    the projections in FP8: an FP8 checkpoint loads as stored (weight-only unless told), a float
-    one is quantized after loading.
+    the projections in 8 bits: an FP8 or int8 checkpoint loads as stored (weight-only unless told), a
+    float one is quantized after loading to `storage` ("fp8" or "int8"; giving either implies weight-only).
     """
     path = _checkpoint_dir(path)
     stored = _read_json(path / METADATA_FILE)["dtype"]
-    if stored == "fp8" or quant is not None:
-        quant = fp8.resolve_mode(quant or fp8.WEIGHT_ONLY)  # once: W8A8 without native FP8 warns here
+    if stored in fp8.STORAGES:
+        if storage not in (None, stored):
+            raise CheckpointError(
+                f"{path} stores {stored} projections, not {storage}: load it as {stored} (--dtype {stored}), "
+                f"or convert its source again with dtype {storage!r}"
+            )
+        storage = stored
+    if storage is not None or quant is not None:
+        storage = storage or "fp8"
+        # once: W8A8 without a native 8-bit matmul warns here; the models below take the mode as resolved
+        quant = fp8.resolve_mode(quant or fp8.WEIGHT_ONLY, storage=storage)
     param_dtype = jnp.dtype(param_dtype or DTYPES[stored])
+    quantized = dict(dtype=dtype, mode=quant, emulate=True)
     shardings = None
     if mesh is not None:
-        from gemma_jax.sharding import param_shardings  # only meshes need the sharding rules
-
         config = GemmaConfig.from_hf(path / "config.json")
-        abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
-        if stored == "fp8":
-            abstract = fp8.quantize_model(abstract, quant)
+        if stored in fp8.STORAGES:
+            abstract = fp8.abstract_model(config, param_dtype=param_dtype, storage=stored, **quantized)
+        else:
+            abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
         shardings = param_shardings(abstract, mesh)
     config, tree = load(path, dtype=param_dtype, shardings=shardings)
-    if stored == "fp8":
-        return fp8.from_params(config, tree, dtype=dtype, mode=quant)
+    if stored in fp8.STORAGES:
+        return fp8.from_params(config, tree, **quantized)
     model = from_params(config, tree, dtype=dtype, param_dtype=param_dtype)
-    return model if quant is None else fp8.quantize_model(model, quant)
+    return model if quant is None else fp8.quantize_model(model, quant, emulate=True, storage=storage)
 
 
 def save(
@@ -244,16 +260,16 @@ def save(
     """Params in our nested layout (e.g. a fine-tuned model's `params_of`) -> a checkpoint at `dst`, atomic.
 
     Tokenizer files are copied from `tokenizer_dir` (e.g. the checkpoint the model was loaded from).
-    dtype "fp8" quantizes float params as `convert_hf` does and stores FP8 params as they are.
+    dtype "fp8" or "int8" quantizes float params as `convert_hf` does and stores 8-bit params as they are.
     """
     param_dtype = _storage_dtype(dtype)
     dst = check_destination(dst, overwrite, sources=[tokenizer_dir] if tokenizer_dir is not None else [])
-    quantized = fp8.is_quantized(tree)
-    if quantized and dtype != "fp8":
-        raise CheckpointError(f"these are FP8 params: save them with dtype='fp8', not {dtype!r}")
-    if not quantized:
+    stored = fp8.storage_of(tree)
+    if stored is not None and dtype != stored:
+        raise CheckpointError(f"these are {stored.upper()} params: save them with dtype={stored!r}, not {dtype!r}")
+    if stored is None:
         tree = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), tree)
-        tree = _fp8(config, tree) if dtype == "fp8" else tree
+        tree = _quantize(config, tree, dtype) if dtype in fp8.STORAGES else tree
     with _staging(dst) as tmp:
         with _orbax_context():
             ocp.save(tmp / PARAMS_DIR, tree)
@@ -392,27 +408,32 @@ def _leaves(config: GemmaConfig) -> dict[params.Path, list[params.Placement]]:
 
 
 def _write_params(
-    path: pathlib.Path, tensors, config: GemmaConfig, dtype: jnp.dtype, progress: bool, quantize: bool = False
+    path: pathlib.Path,
+    tensors,
+    config: GemmaConfig,
+    dtype: jnp.dtype,
+    progress: bool,
+    storage: str | None = None,
 ) -> int:
     """Stream HF tensors into an Orbax PyTree, one of our parameters per partial save; returns bytes read.
 
-    `quantize` stores each projection kernel as e4m3 + per-channel scales (`fp8.quantize_params`).
+    `storage` ("fp8", "int8") stores each projection kernel as 8-bit + per-channel scales (`fp8.quantize_params`).
     """
     leaves = _leaves(config)
     total = sum(tensors[p.hf_name].nbytes for ps in leaves.values() for p in ps)
     with _orbax_context(), _bar(total, "hf -> orbax", progress) as bar:
         for leaf_path, placements in leaves.items():
             value = _nest(leaf_path, _assemble(placements, tensors, config, dtype, bar))
-            ocp.partial.save(path, _fp8(config, value) if quantize else value)
+            ocp.partial.save(path, value if storage is None else _quantize(config, value, storage))
             del value
         ocp.partial.finalize(path)
     return total
 
 
-def _fp8(config: GemmaConfig, tree: dict) -> dict:
+def _quantize(config: GemmaConfig, tree: dict, storage: str) -> dict:
     try:
-        return fp8.quantize_params(config, tree)
-    except Fp8Error as e:  # inf/NaN in a weight: named, and the staging directory is removed
+        return fp8.quantize_params(config, tree, storage=storage)
+    except QuantError as e:  # inf/NaN in a weight: named, and the staging directory is removed
         raise CheckpointError(str(e)) from None
 
 

@@ -1,16 +1,19 @@
-"""FP8 models: every projection as e4m3 with per-output-channel scales, run weight-only or W8A8.
+"""8-bit models: every projection as FP8 (e4m3) or int8 with per-output-channel scales, run weight-only or W8A8.
 
 Quantized: the attention q, k, v, o and MLP gate, up, down projections (every `Linear`, ~90% of the
 weight bytes of a 9B). Kept in the float dtype: the embedding, which is also the tied logits matrix
 (benchmarks/fp8.py --quality-only measures quantizing it too: it adds ~50% to the logits error
 of FP8 projections on tiny random models), and the norms.
 
-Storage is the same for both modes: each projection's {"kernel": w} becomes
-{"kernel": e4m3 [..., out, in], "scale": f32 [..., out]} (layout and numerics: gemma_jax/quant.py),
-with the logical axes permuted alike, so FP8 params shard exactly like the bf16 ones. The compute
-mode is a static attribute of each `Linear`, chosen when the model is built:
-  - "weight_only": FP8 kernels upcast inside the matmul; halves the bytes read, runs everywhere.
-  - "w8a8": activations quantized per token, e4m3 x e4m3 GEMM (native on NVIDIA >= sm_89).
+Storage (`storage`: "fp8" or "int8", both symmetric per output channel) is the same for both modes: each
+projection's {"kernel": w} becomes {"kernel": 8-bit [..., out, in], "scale": f32 [..., out]} (layout and
+numerics: gemma_jax/quant.py), with the logical axes permuted alike, so 8-bit params shard exactly like
+the bf16 ones. Quantization is data: `quantize_params` / `dequantize_params` map a params tree, and a
+quantized model is a model *built* quantized (`quant.projections`) that holds such a tree. The compute mode
+is fixed when the model is built:
+  - "weight_only": 8-bit kernels upcast inside the matmul; halves the bytes read, runs everywhere.
+  - "w8a8": activations quantized per token, 8-bit x 8-bit GEMM: e4m3 on NVIDIA >= sm_89, int8 -> int32 on
+    TPU (v5e has no FP8 unit; int8 is its native low-precision matmul).
 """
 
 from __future__ import annotations
@@ -26,23 +29,25 @@ from gemma_jax import quant, transformer
 from gemma_jax.config import GemmaConfig
 from gemma_jax.linear import Linear
 
-WEIGHT_ONLY = "weight_only"
-W8A8 = "w8a8"
-MODES = (WEIGHT_ONLY, W8A8)
+WEIGHT_ONLY = quant.WEIGHT_ONLY
+W8A8 = quant.W8A8
+MODES = quant.MODES
+STORAGES = tuple(quant.STORAGE)
+_NATIVE = {"fp8": "a native FP8 matmul (NVIDIA compute capability >= 8.9)", "int8": "a native int8 matmul (TPU)"}
 
 
-def resolve_mode(mode: str, *, emulate: bool = False) -> str:
-    """Check `mode`; W8A8 without a native FP8 matmul falls back to weight-only, with a warning.
+def resolve_mode(mode: str, *, emulate: bool = False, storage: str = "fp8") -> str:
+    """Check `mode`; W8A8 without a native 8-bit matmul for `storage` falls back to weight-only, with a warning.
 
-    `emulate=True` keeps W8A8 anyway (XLA upcasts the e4m3 dot): W8A8 numerics, no speed-up.
+    `emulate=True` keeps W8A8 anyway (XLA upcasts the 8-bit dot): W8A8 numerics, no speed-up.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown FP8 mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == W8A8 and not emulate and not quant.native_fp8_dot():
+        raise ValueError(f"unknown {storage.upper()} mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == W8A8 and not emulate and not quant.native_dot(storage):
         device = jax.devices()[0]
         warnings.warn(
-            f"W8A8 needs a native FP8 matmul (NVIDIA compute capability >= 8.9); {device.device_kind} has none, "
-            "so FP8 weights run weight-only",
+            f"W8A8 needs {_NATIVE[storage]}; {device.device_kind} has none, "
+            f"so {storage.upper()} weights run weight-only",
             stacklevel=3,
         )
         return WEIGHT_ONLY
@@ -67,30 +72,30 @@ def _name(path: tuple) -> str:
     return ".".join(map(str, path))
 
 
-def _quantize_linear(linear: Linear, name: str) -> None:
-    """Replace the float kernel by an FP8 kernel [..., out, in] and its scale [..., out], logical axes alike."""
-    w = linear.kernel.get_value()
-    axes = linear.kernel.get_metadata()["logical_axes"]
-    contracting = _contracting_axes(linear.spec, len(w.shape))
-    q, scale = quant.quantize_kernel(w, contracting, name=name)
-    out_axes = tuple(a for i, a in enumerate(axes) if i not in contracting)
-    linear.kernel = nnx.Param(q, logical_axes=out_axes + tuple(axes[i] for i in contracting))
-    linear.scale = nnx.Param(scale, logical_axes=out_axes)
+def _param_dtype(params: dict) -> jnp.dtype:
+    return jnp.dtype(params["embedder"]["embedding"].dtype)
 
 
-def quantize_model(model: nnx.Module, mode: str = WEIGHT_ONLY, *, emulate: bool = False) -> nnx.Module:
-    """Make every projection of `model` FP8 (in place) and set its compute mode; returns `model`.
+def quantize_model(
+    model: transformer.Transformer, mode: str = WEIGHT_ONLY, *, emulate: bool = False, storage: str = "fp8"
+) -> transformer.Transformer:
+    """A new model whose projections are 8-bit (`storage`) and run in `mode`; `model` is left as it is.
 
-    Float kernels are quantized (inf/NaN raises `quant.Fp8Error` naming the tensor); kernels that are
-    already FP8 (e.g. restored from an FP8 checkpoint) only switch mode. Abstract models (from
-    `abstract_model`) stay abstract. See `resolve_mode` for W8A8 on hardware without FP8 matmuls.
+    Float kernels are quantized (inf/NaN raises `quant.QuantError` naming the tensor); kernels that are
+    already 8-bit (e.g. restored from an FP8 checkpoint) keep their values and storage, only the mode is
+    new. Abstract models (from `abstract_model`) give abstract models. See `resolve_mode` for W8A8 on
+    hardware without a native 8-bit matmul.
     """
-    mode = resolve_mode(mode, emulate=emulate)
-    for path, linear in _linears(model):
-        if linear.quant is None:
-            _quantize_linear(linear, _name((*path, "kernel")))
-        linear.quant = mode
-    return model
+    params = transformer.params_of(model)
+    storage = storage_of(params) or storage
+    mode = resolve_mode(mode, emulate=emulate, storage=storage)
+    kw = dict(dtype=model.dtype, param_dtype=_param_dtype(params), mode=mode, emulate=True, storage=storage)
+    abstract = abstract_model(model.config, **kw)
+    if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct):
+        return abstract
+    if storage_of(params) is None:
+        params = quantize_params(model.config, params, storage=storage)
+    return transformer.with_params(abstract, params)
 
 
 def abstract_model(
@@ -100,13 +105,15 @@ def abstract_model(
     param_dtype: jnp.dtype = jnp.bfloat16,
     mode: str = WEIGHT_ONLY,
     emulate: bool = False,
+    storage: str = "fp8",
 ) -> transformer.Transformer:
-    """The FP8 model with ShapeDtypeStruct leaves: the restore target (and sharding source) of FP8 checkpoints.
+    """The 8-bit model with ShapeDtypeStruct leaves: the restore target (and sharding source) of 8-bit checkpoints.
 
     `param_dtype` is the dtype of what stays float (embedding, norms).
     """
-    model = transformer.abstract_model(config, dtype=dtype, param_dtype=param_dtype)
-    return quantize_model(model, mode, emulate=emulate)
+    mode = resolve_mode(mode, emulate=emulate, storage=storage)
+    with quant.projections(quant.Scheme(storage, mode)):
+        return transformer.abstract_model(config, dtype=dtype, param_dtype=param_dtype)
 
 
 def from_params(
@@ -117,9 +124,13 @@ def from_params(
     mode: str = WEIGHT_ONLY,
     emulate: bool = False,
 ) -> transformer.Transformer:
-    """An FP8 model holding `params` (an FP8 tree, from `quantize_params` or an FP8 checkpoint)."""
-    param_dtype = jnp.dtype(params["embedder"]["embedding"].dtype)
-    model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, mode=mode, emulate=emulate)
+    """An 8-bit model holding `params` (an 8-bit tree, from `quantize_params` or an FP8 / int8 checkpoint)."""
+    storage = storage_of(params)
+    if storage is None:
+        raise quant.QuantError("these params hold no 8-bit kernels: quantize them first (quantize_params)")
+    model = abstract_model(
+        config, dtype=dtype, param_dtype=_param_dtype(params), mode=mode, emulate=emulate, storage=storage
+    )
     return transformer.with_params(model, params)
 
 
@@ -145,23 +156,24 @@ def _map_projections(config: GemmaConfig, params: dict, fn) -> dict:
     return out
 
 
-def quantize_params(config: GemmaConfig, params: dict) -> dict:
-    """Our nested float params -> the FP8 tree: each projection {"kernel": e4m3 [..., out, in], "scale": f32}.
+def quantize_params(config: GemmaConfig, params: dict, *, storage: str = "fp8") -> dict:
+    """Our nested float params -> the 8-bit tree: each projection {"kernel": 8-bit [..., out, in], "scale": f32}.
 
     Everything else (embedding, norms) is left as given. The result loads with `from_params` and is
-    what an FP8 checkpoint stores.
+    what an FP8 or int8 checkpoint stores.
     """
+    dtype = quant.Scheme(storage).dtype
 
     def quantize(name: str, spec: str, node: dict) -> dict:
         w = node["kernel"]
-        q, scale = quant.quantize_kernel(w, _contracting_axes(spec, w.ndim), name=f"{name}.kernel")
+        q, scale = quant.quantize_kernel(w, _contracting_axes(spec, w.ndim), name=f"{name}.kernel", dtype=dtype)
         return {"kernel": q, "scale": scale}
 
     return _map_projections(config, params, quantize)
 
 
 def dequantize_params(config: GemmaConfig, params: dict, dtype: jnp.dtype = jnp.float32) -> dict:
-    """The FP8 tree -> float params in the original layout (for `to_hf_state_dict` or comparisons)."""
+    """The 8-bit tree -> float params in the original layout (for `to_hf_state_dict` or comparisons)."""
 
     def dequantize(name: str, spec: str, node: dict) -> dict:
         q = node["kernel"]
@@ -170,6 +182,12 @@ def dequantize_params(config: GemmaConfig, params: dict, dtype: jnp.dtype = jnp.
     return _map_projections(config, params, dequantize)
 
 
+def storage_of(params: dict) -> str | None:
+    """ "fp8" or "int8" for a tree of 8-bit kernels (the layout of `quantize_params`), None for float params."""
+    dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params)}
+    return next((name for name, dtype in quant.STORAGE.items() if jnp.dtype(dtype) in dtypes), None)
+
+
 def is_quantized(params: dict) -> bool:
-    """Whether a params tree holds FP8 kernels (the layout of `quantize_params`)."""
-    return any(jnp.dtype(x.dtype) == quant.FP8 for x in jax.tree.leaves(params))
+    """Whether a params tree holds 8-bit kernels (the layout of `quantize_params`)."""
+    return storage_of(params) is not None

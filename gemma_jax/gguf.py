@@ -47,8 +47,8 @@ _DEFAULTS = {
 _GEMMA3_PERIOD = 6  # llama.cpp: 5 sliding layers, then 1 global
 _GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 _SPACE = "\u2581"  # sentencepiece's escaped space
-# Storage dtypes `convert_gguf` writes. FP8: convert to bfloat16, then `load_model(..., quant="weight_only")`
-# (or `--dtype fp8` in the CLIs) quantizes at load; `checkpoint.save` writes no FP8 layout yet.
+# Storage dtypes `convert_gguf` writes. FP8 / int8: convert to bfloat16, then `load_model(..., storage="fp8")`
+# (or `--dtype fp8` / `--dtype int8` in the CLIs) quantizes at load.
 DTYPES = ("bfloat16", "float32")
 
 

@@ -15,9 +15,11 @@ INIT = nnx.initializers.normal(stddev=0.02)
 class Linear(nnx.Module):
     """y = einsum(spec, x, w); w has shape `shape` and one logical axis name per dimension.
 
-    The weight is stored in `param_dtype` and cast to the compute `dtype` before the matmul, unless
-    `fp8.quantize_model` made it an FP8 kernel [out..., in...] with a per-channel `scale` and set `quant`
-    to "weight_only" or "w8a8" (see gemma_jax/quant.py).
+    Built outside `quant.projections`, the weight is a float `kernel` stored in `param_dtype` and cast to the
+    compute `dtype` before the matmul. Built inside it, the projection is quantized from the start: an 8-bit
+    `kernel` [out..., in...] (contracting axes last, logical axes permuted alike) and a float32 `scale` [out...],
+    handed to `quant.einsum` as one `QArray`; `quant` is the scheme's mode ("weight_only" or "w8a8"), else None.
+    Nothing here changes after construction: gemma_jax.fp8 quantizes a model by building a new one.
     """
 
     def __init__(
@@ -32,17 +34,21 @@ class Linear(nnx.Module):
     ):
         self.spec = spec
         self.dtype = dtype
-        self.kernel = nnx.Param(INIT(rngs.params(), shape, param_dtype), logical_axes=logical_axes)
-        self.quant: str | None = None
+        w = INIT(rngs.params(), shape, param_dtype)
+        scheme = quant.current_scheme()
+        self.quant: str | None = None if scheme is None else scheme.mode
+        if scheme is None:
+            self.kernel = nnx.Param(w, logical_axes=logical_axes)
+            self.scale = None
+            return
+        contracting = tuple(range(len(quant.split_spec(spec)[1])))  # the kernel's leading axes
+        q, scale = quant.quantize_kernel(w, contracting, dtype=scheme.dtype)
+        out_axes = logical_axes[len(contracting) :]
+        self.kernel = nnx.Param(q, logical_axes=out_axes + logical_axes[: len(contracting)])
+        self.scale = nnx.Param(scale, logical_axes=out_axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.quant is not None:
-            return quant.fp8_einsum(
-                self.spec, x.astype(self.dtype), self.kernel[...], self.scale[...], w8a8=self.quant == "w8a8"
-            )
-        # Accumulate in float32 (more exact in bfloat16, and XLA's CPU bf16 dot is fast only with an f32 result:
-        # a [8, 2304] x [2304, 9216] bf16 matmul took 95 ms with a bf16 result and 7 ms with f32, f32 inputs 13 ms).
-        y = jnp.einsum(
-            self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32
-        )
-        return y.astype(self.dtype)
+        w = self.kernel[...]
+        if self.scale is not None:
+            w = quant.QArray(w, self.scale[...], w8a8=self.quant == quant.W8A8)
+        return quant.einsum(self.spec, x.astype(self.dtype), w)

@@ -61,14 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=sorted(checkpoint.DTYPES),
-        help="compute and cache dtype (default: bfloat16; float32 for the embedded model); fp8: e4m3 projection "
-        "weights, bf16 compute (HF sources convert to FP8)",
+        help="compute and cache dtype (default: bfloat16; float32 for the embedded model); fp8 / int8: e4m3 / int8 "
+        "projection weights with per-channel scales, bf16 compute (HF sources convert to that storage, float "
+        "gemma_jax checkpoints are quantized at load)",
     )
     p.add_argument(
         "--quant",
         choices=fp8.MODES,
-        help="FP8 projections: weight_only (the default with --dtype fp8) or w8a8 (native FP8 matmuls on NVIDIA "
-        "sm_89+; elsewhere it falls back to weight_only with a warning)",
+        help="8-bit projections: weight_only (the default with --dtype fp8 or int8) or w8a8 (native FP8 matmuls on "
+        "NVIDIA sm_89+, int8 ones on TPU; elsewhere it falls back to weight_only with a warning)",
     )
     p.add_argument(
         "--cache-dir",
@@ -95,8 +96,10 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
     cli.use_compilation_cache(args.cache_dir)
     try:
         path = cli.resolve_checkpoint(args.checkpoint, cache_dir=args.cache_dir, dtype=args.dtype)
-        quant = args.quant or (fp8.WEIGHT_ONLY if args.dtype == "fp8" else None)
-        model = checkpoint.load_model(path, dtype=checkpoint.DTYPES[args.dtype], mesh=mesh, quant=quant)
+        storage = args.dtype if args.dtype in fp8.STORAGES else None
+        model = checkpoint.load_model(
+            path, dtype=checkpoint.DTYPES[args.dtype], mesh=mesh, quant=args.quant, storage=storage
+        )
         tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat or None)  # --chat: no base-model warning
         sampler = Sampler(model, tokenizer, cache_length=args.cache_length, mesh=mesh)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:

@@ -1,21 +1,8 @@
-"""Sharding: one table maps logical axis names to mesh axes; every sharding is derived from it.
+"""Sharding above the model: meshes, `--mesh` and multi-host flags, sharded init of model, cache and optimizer.
 
-Parameters declare their logical axes where they are defined (`nnx.Param(..., logical_axes=("embed", "mlp"))`);
-activations and the KV cache name theirs below. `LOGICAL_RULES` maps each name onto a mesh with axes
-("data", "fsdp", "tensor"):
-
-- data:   the batch only; parameters are replicated over it (pure data parallelism).
-- fsdp:   the batch, and the embed dimension of every parameter (ZeRO-3: each layer's weights are gathered
-          when it runs, so no device holds the whole model).
-- tensor: heads, kv heads, mlp and vocab (Megatron: the residual stream is replicated over it).
-
-A dimension must be divisible by the mesh axes that shard it, or `ShardingError` names the axis and the
-sizes before anything compiles. Two names fall back instead (`SHRINKABLE`): `batch` (one prompt on eight
-chips is split over as many leading mesh axes as divide it, down to none) and `kv_heads` (Gemma-2 2B has 4 kv
-heads: under tensor=8 its k/v projections and KV cache are replicated over tensor, the 8 query heads stay split).
-
-Model code calls `constrain(x, axes)`, a no-op unless a mesh is active (`jax.set_mesh`), so the single-device
-path is unchanged.
+The logical-axis table and `constrain` (what the model itself calls) live below the model, in
+`gemma_jax.partitioning`; their names are re-exported here so one import serves a training script.
+Meshes have the axes ("data", "fsdp", "tensor") that `LOGICAL_RULES` maps onto.
 """
 
 from __future__ import annotations
@@ -36,37 +23,38 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gemma_jax import kv_cache
+from gemma_jax import kv_cache, transformer
 from gemma_jax.config import GemmaConfig
 from gemma_jax.kv_cache import KVCache, LayerCache
+from gemma_jax.partitioning import (
+    LOGICAL_RULES,
+    LOGITS,
+    MESH_AXES,
+    RESIDUAL,
+    SHRINKABLE,
+    TOKENS,
+    ShardingError,
+    axis_rules,
+    constrain,
+    logical_sharding,
+    logical_spec,
+)
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    # parameters
-    "vocab": ("tensor",),
-    "embed": ("fsdp",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "head_dim": (),
-    "mlp": ("tensor",),
-    "layers": (),
-    # activations and KV cache
-    "batch": ("data", "fsdp"),
-    "length": (),
-    "act_embed": (),
-    "act_vocab": ("tensor",),
-}
-
-# Names that shrink to the leading mesh axes whose sizes divide them (down to replication) instead of failing.
-SHRINKABLE = frozenset({"batch", "kv_heads"})
-
-# Logical axes of the arrays named here rather than beside a parameter.
-TOKENS = ("batch", "length")  # tokens, positions, mask [B, T]
-RESIDUAL = ("batch", "length", "act_embed")  # x between blocks [B, T, D]
-LOGITS = ("batch", "length", "act_vocab")  # [B, T, V]
+__all__ = [  # re-exported from gemma_jax.partitioning
+    "LOGICAL_RULES",
+    "LOGITS",
+    "MESH_AXES",
+    "RESIDUAL",
+    "SHRINKABLE",
+    "TOKENS",
+    "ShardingError",
+    "axis_rules",
+    "constrain",
+    "logical_sharding",
+    "logical_spec",
+]
 
 # `--mesh` presets; -1 takes the devices the other axes leave. tensor=4 divides the kv heads of every size (4/8/16).
 PRESETS: dict[str, dict[str, int]] = {
@@ -76,10 +64,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "fsdp_tensor": {"fsdp": -1, "tensor": 4},
 }
 DEFAULT_MESH = "fsdp"
-
-
-class ShardingError(ValueError):
-    """A mesh or sharding that cannot work, named before anything compiles."""
 
 
 # ----------------------------------------------------------------------------------------------- meshes
@@ -162,65 +146,6 @@ def abstract_mesh(spec: str | Mapping[str, int] | None, num_devices: int) -> Abs
     return AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-# ------------------------------------------------------------------------------------ logical -> physical
-
-
-def logical_spec(
-    axes: Sequence[str | None],
-    mesh: Mesh | AbstractMesh,
-    shape: Sequence[int],
-    rules: Mapping[str, tuple[str, ...]] = LOGICAL_RULES,
-) -> P:
-    """The PartitionSpec of an array of `shape` whose dimensions are named `axes` (None = replicated).
-
-    Mesh axes of size 1, and rule axes the mesh does not have, are left out.
-    """
-    if len(axes) != len(shape):
-        raise ShardingError(f"{len(axes)} logical axes {tuple(axes)} for an array of shape {tuple(shape)}")
-    sizes = dict(mesh.shape)
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(axes, shape, strict=True):
-        mesh_axes = _mesh_axes(name, dim, sizes, rules)
-        if used & set(mesh_axes):
-            raise ShardingError(f"mesh axis {sorted(used & set(mesh_axes))} would shard two dimensions of {axes}")
-        used |= set(mesh_axes)
-        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
-    return P(*spec)
-
-
-def _mesh_axes(name: str | None, dim: int, sizes: Mapping[str, int], rules: Mapping[str, tuple[str, ...]]):
-    if name is None:
-        return ()
-    if name not in rules:
-        raise ShardingError(f"unknown logical axis {name!r}; the rules name {', '.join(sorted(rules))}")
-    axes = tuple(a for a in rules[name] if sizes.get(a, 1) > 1)
-    if dim % math.prod(sizes[a] for a in axes) == 0:
-        return axes
-    if name in SHRINKABLE:
-        while dim % math.prod(sizes[a] for a in axes):
-            axes = axes[:-1]
-        return axes
-    over = " x ".join(f"{a}={sizes[a]}" for a in axes)
-    raise ShardingError(
-        f"logical axis {name!r} has size {dim}, which mesh axes {over} (= {math.prod(sizes[a] for a in axes)}) "
-        f"do not divide; choose a mesh whose {' x '.join(axes)} size divides {dim}"
-    )
-
-
-def logical_sharding(axes: Sequence[str | None], mesh: Mesh | AbstractMesh, shape: Sequence[int]) -> NamedSharding:
-    """NamedSharding of an array of `shape` whose dimensions are named `axes`."""
-    return NamedSharding(mesh, logical_spec(axes, mesh, shape))
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Pin an activation to the sharding its logical axes give, under the active mesh; without one, x as is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) & set(mesh.axis_names):
-        return x
-    return jax.lax.with_sharding_constraint(x, logical_spec(axes, mesh, x.shape))
-
-
 # ------------------------------------------------------------------------------------------- parameters
 
 
@@ -260,8 +185,6 @@ def init_sharded(
     Same values as `Transformer(config, rngs=nnx.Rngs(seed))` on one device; no device ever holds more
     than its shards.
     """
-    from gemma_jax import transformer  # the model imports this module for `constrain`
-
     abstract = transformer.abstract_model(config, dtype=dtype, param_dtype=param_dtype)
 
     def init() -> dict:

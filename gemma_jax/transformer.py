@@ -1,4 +1,4 @@
-"""The Gemma-2 decoder: embed, scan over stacked layer groups, final norm, tied and softcapped logits."""
+"""The Gemma 2 and 3 decoder: embed, scan over stacked layer groups, final norm, tied and softcapped logits."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from gemma_jax.norm import RMSNorm
 
 
 class Transformer(nnx.Module):
-    """Gemma-2 causal LM.
+    """Gemma 2 or 3 causal LM (Gemma 3 adds q/k norms and per-kind RoPE, set by the config).
 
     Layers are stored as `groups`: one LayerGroup per period of `config.layer_pattern`
     (sliding, global), stacked on a leading axis and run with `lax.scan`, so compile time does not

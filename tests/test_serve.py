@@ -446,11 +446,12 @@ def test_shutdown_drains_in_flight_streams(ckpt, reference, monkeypatch):
         other.client().models.list()
 
 
-def test_cli_serves_fp8_and_shuts_down_on_sigterm(base_ckpt):
-    """`python -m gemma_jax.serve --dtype fp8`: compiles, opens the port, answers; SIGTERM shuts it down gracefully,
-    at once although connections hold half a request, and the exit status is 0. The checkpoint is a base model:
-    --chat forces the template; the model is named by the directory's name."""
-    args = ["--checkpoint", str(base_ckpt), "--dtype", "fp8", "--cache-length", "128", "--slots", "2", "--chat"]
+@pytest.mark.parametrize("dtype", ["fp8", "int8"])
+def test_cli_serves_8bit_and_shuts_down_on_sigterm(base_ckpt, dtype):
+    """`python -m gemma_jax.serve --dtype fp8` (or int8): compiles, opens the port, answers; SIGTERM shuts it down
+    gracefully, at once although connections hold half a request, and the exit status is 0. The checkpoint is a
+    base model: --chat forces the template; the model is named by the directory's name."""
+    args = ["--checkpoint", str(base_ckpt), "--dtype", dtype, "--cache-length", "128", "--slots", "2", "--chat"]
     proc, url = start_server(args, timeout=180)
     port = int(url.rsplit(":", 1)[1])
     try:

@@ -27,7 +27,12 @@ from gemma_jax.serve.engine import Engine
 from gemma_jax.tokenizer import Tokenizer
 
 # --dtype: (checkpoint storage dtype when converting an HF source, compute dtype)
-DTYPES = {"bf16": ("bfloat16", jnp.bfloat16), "f32": ("float32", jnp.float32), "fp8": ("fp8", jnp.bfloat16)}
+DTYPES = {
+    "bf16": ("bfloat16", jnp.bfloat16),
+    "f32": ("float32", jnp.float32),
+    "fp8": ("fp8", jnp.bfloat16),
+    "int8": ("int8", jnp.bfloat16),
+}
 _ALIASES = {"bfloat16": "bf16", "float32": "f32"}
 
 
@@ -56,11 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         type=lambda s: _ALIASES.get(s, s),
         choices=sorted(DTYPES),
-        help="bf16; f32; fp8: projections in e4m3 (an FP8 checkpoint as stored, a float one quantized at load) "
-        "(default: bf16; f32 for the embedded model, as the sampler runs it)",
+        help="bf16; f32; fp8 / int8: projections in e4m3 / int8 (an 8-bit checkpoint as stored, a float one "
+        "quantized at load) (default: bf16; f32 for the embedded model, as the sampler runs it)",
     )
     p.add_argument(
-        "--quant", choices=fp8.MODES, default=fp8.WEIGHT_ONLY, help="FP8 compute mode with --dtype fp8 (see fp8.py)"
+        "--quant",
+        choices=fp8.MODES,
+        default=fp8.WEIGHT_ONLY,
+        help="8-bit compute mode with --dtype fp8 or int8 (see fp8.py)",
     )
     p.add_argument("--max-queue", type=_non_negative, default=128, help="requests that may wait for a slot; then 429")
     p.add_argument(
@@ -113,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.use_compilation_cache(args.cache_dir)
     try:
         path = cli.resolve_checkpoint(args.checkpoint, cache_dir=args.cache_dir, dtype=storage)
-        quant = args.quant if args.dtype == "fp8" else None
-        model = checkpoint.load_model(path, dtype=compute, mesh=mesh, quant=quant)
+        quantized = storage in fp8.STORAGES
+        model = checkpoint.load_model(
+            path,
+            dtype=compute,
+            mesh=mesh,
+            quant=args.quant if quantized else None,
+            storage=storage if quantized else None,
+        )
         tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat)
         sampler = Sampler(model, tokenizer, cache_length=args.cache_length, prefill_chunk=args.prefill_chunk, mesh=mesh)
         engine = Engine(sampler, slots=args.slots, decode_steps=args.decode_steps, max_queue=args.max_queue)

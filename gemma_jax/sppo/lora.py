@@ -45,8 +45,8 @@ class LoRALinear(nnx.Module):
     """A frozen `Linear` plus a trainable rank-r update; `base` keeps the original kernel."""
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, param_dtype: jnp.dtype, rngs: nnx.Rngs):
-        if getattr(base, "quant", None) is not None:
-            raise ValueError("LoRA over FP8 kernels is not supported: load the model in bfloat16 to train")
+        if base.quant is not None:
+            raise ValueError("LoRA over 8-bit (FP8, int8) kernels is not supported: load the model in bf16 to train")
         x, w, out, w_in, w_out = _split_spec(base.spec)
         kernel = base.kernel
         stack = kernel.shape[: kernel.ndim - len(w)]  # leading axes of stacked (scanned) layers
