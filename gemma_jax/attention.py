@@ -1,4 +1,4 @@
-"""Grouped-query attention (Gemma 2 and 3): score softcap, sliding window, q/k norms and a position-addressed KV cache."""
+"""Grouped-query attention (Gemma 2 and 3): score softcap, sliding window, q/k norms, a position-addressed cache."""
 
 from __future__ import annotations
 
