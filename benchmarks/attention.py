@@ -225,6 +225,8 @@ def part_peers(args) -> None:
                     flush=True,
                 )
     hf, dm = {}, {}
+    if args.ours_only:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "hf.json"
         doc = run_peer(
@@ -357,6 +359,7 @@ def main() -> None:
     parser.add_argument("--parts", default="real,step,memory", help=f"comma-separated, of {','.join(PARTS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; the best is kept")
     parser.add_argument("--dm-python", default=None, help="python of a venv with DeepMind gemma (peers part)")
+    parser.add_argument("--ours-only", action="store_true", help="peers part: time gemma_jax only (a before/after run)")
     args = parser.parse_args()
     parts = args.parts.split(",")
     if unknown := set(parts) - set(PARTS):
