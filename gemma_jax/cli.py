@@ -39,3 +39,12 @@ def use_compilation_cache(cache_dir: str | os.PathLike | None = None) -> None:
     48 s -> 23 s on a busy 2-core machine). $JAX_COMPILATION_CACHE_DIR, when set, decides instead (empty: off)."""
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(default_model.cache_dir(cache_dir) / "xla"))
+
+
+def default_dtype(embedded: bool) -> str:
+    """float32 for the embedded model and on CPU, else bfloat16: XLA's CPU backend upcasts bf16 weights sliced
+    out of the layer stack to float32 copies, so bf16 ran slower than float32 there (270M: 10.7 vs 13.2 tok/s;
+    gemma-2-2b slice: 3.5 vs 5.2; benchmarks/attention.py --parts bf16,peers)."""
+    if embedded:
+        return default_model.DTYPE
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"

@@ -15,7 +15,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from gemma_jax import checkpoint, cli, default_model, fp8, sampling, sharding
+from gemma_jax import checkpoint, cli, fp8, sampling, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.config import ConfigError
 from gemma_jax.sampler import Sampler
@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=sorted(checkpoint.DTYPES),
-        help="compute and cache dtype (default: bfloat16; float32 for the embedded model); fp8 / int8: e4m3 / int8 "
-        "projection weights with per-channel scales, bf16 compute (HF sources convert to that storage, float "
-        "gemma_jax checkpoints are quantized at load)",
+        help="compute and cache dtype (default: bfloat16; float32 for the embedded model and on CPU); fp8 / int8: "
+        "e4m3 / int8 projection weights with per-channel scales, bf16 compute (HF sources convert to that "
+        "storage, float gemma_jax checkpoints are quantized at load)",
     )
     p.add_argument(
         "--quant",
@@ -84,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = input) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.checkpoint else default_model.DTYPE)
     try:
         sampling.check(args.temperature, args.top_k, args.top_p, args.min_p)
         if args.max_new_tokens < 1 or args.cache_length < 1:
@@ -92,6 +91,7 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
     except ValueError as e:
         parser.error(str(e))
     sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    args.dtype = args.dtype or cli.default_dtype(embedded=not args.checkpoint)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     cli.use_compilation_cache(args.cache_dir)
     try:

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda s: _ALIASES.get(s, s),
         choices=sorted(DTYPES),
         help="bf16; f32; fp8 / int8: projections in e4m3 / int8 (an 8-bit checkpoint as stored, a float one "
-        "quantized at load) (default: bf16; f32 for the embedded model, as the sampler runs it)",
+        "quantized at load) (default: bf16; f32 for the embedded model and on CPU, as the sampler runs it)",
     )
     p.add_argument(
         "--quant",
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: serving runs on one host; shard over its devices with --mesh\n")
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     embedded = args.checkpoint is None  # the CPU demo: served as the sampler runs it, in float32, sized for a CPU
-    args.dtype = args.dtype or (_ALIASES[default_model.DTYPE] if embedded else "bf16")
+    args.dtype = args.dtype or _ALIASES[cli.default_dtype(embedded)]
     args.slots = args.slots or (4 if embedded else 16)
     args.cache_length = args.cache_length or (2048 if embedded else 16384)
     storage, compute = DTYPES[args.dtype]
