@@ -100,7 +100,7 @@ def part_real(args) -> None:
     model = checkpoint.load_model(ckpt, dtype=jnp.float32)
     tok = Tokenizer.from_dir(ckpt)
     with tempfile.TemporaryDirectory() as tmp:
-        package = default_model._import_package()
+        package = importlib.import_module(default_model.MODULE)  # the package that carries the GGUF
         gguf = default_model.assemble(package, pathlib.Path(tmp) / package.MODEL_NAME)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32).eval()
     new = 64
