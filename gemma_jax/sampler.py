@@ -2,10 +2,11 @@
 
 The pieces are public so a server can run a continuous batch: `prefill` a new request into its
 own cache, `start` its decode row, `insert` both into a free row of the running batch between
-`decode` calls, and read rows whose `done` flag is set. `Sampler.generate` and `Sampler.stream`
-are built from the same pieces. Every jitted function takes the model as (graphdef static,
-state argument), so weights are inputs of the compiled program, not constants baked into it, and
-compiled programs are shared by every Sampler over the same architecture.
+`decode` calls, and read rows whose `done` flag is set. Penalties and log-probabilities are per-row data
+of the decode state too; `prefill_scored` also scores each prompt token (echo with logprobs).
+`Sampler.generate` and `Sampler.stream` are built from the same pieces. Every jitted function takes
+the model as (graphdef static, state argument), so weights are inputs of the compiled program, not
+constants baked into it, and compiled programs are shared by every Sampler over the same architecture.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flax import nnx, struct
 
 from gemma_jax import sharding
 from gemma_jax.kv_cache import EMPTY, KVCache
-from gemma_jax.sampling import SamplingParams, sample
+from gemma_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams, penalize, sample, token_logprobs
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.transformer import Transformer
 
@@ -30,6 +31,21 @@ logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 32  # shortest padded prompt; buckets double up to the prefill chunk
 NO_TOKEN = -1  # in decode output: the row produced nothing at this step
+SCORE_CHUNK = 256  # longest prompt piece a scored prefill takes at once: its [T, V] float32 logits stay small
+
+
+@struct.dataclass
+class Scores:
+    """Raw-model log-probabilities (`sampling.token_logprobs`) of chosen tokens, with the top alternatives."""
+
+    logprob: jax.Array  # [...] float32, of the chosen token
+    top_ids: jax.Array  # [..., K] int32, the K most likely tokens, best first
+    top_logprobs: jax.Array  # [..., K] float32
+
+    @classmethod
+    def of(cls, logits: jax.Array, tokens: jax.Array) -> Scores:
+        """Scores of `tokens` [N] under `logits` [N, V]."""
+        return cls(*token_logprobs(logits, tokens))
 
 
 @struct.dataclass
@@ -43,10 +59,13 @@ class DecodeState:
     max_new_tokens: jax.Array  # [B] int32
     params: SamplingParams
     keys: jax.Array  # [B] PRNG keys, one per row; token i of a row draws with fold_in(key, i)
+    counts: jax.Array  # [B, V] int32, how often the completion sampled each token (penalties)
+    prompt: jax.Array  # [B, V] bool, the tokens of the row's prompt (repetition penalty)
+    logprobs: jax.Array  # [B] bool, the row reports its tokens' Scores
 
     @classmethod
-    def empty(cls, batch: int) -> DecodeState:
-        """A batch of free rows."""
+    def empty(cls, batch: int, vocab: int) -> DecodeState:
+        """A batch of free rows over a vocabulary of `vocab` tokens."""
 
         def zeros():  # distinct buffers: the state is donated to the jitted steps
             return jnp.zeros((batch,), jnp.int32)
@@ -59,6 +78,9 @@ class DecodeState:
             max_new_tokens=zeros(),
             params=SamplingParams.create(batch),
             keys=jax.random.split(jax.random.key(0), batch),
+            counts=jnp.zeros((batch, vocab), jnp.int32),
+            prompt=jnp.zeros((batch, vocab), bool),
+            logprobs=jnp.zeros((batch,), bool),
         )
 
 
@@ -96,10 +118,25 @@ def _prefill_chunk(graphdef, state, cache, tokens, positions, mask):
     return logits[:, 0], cache
 
 
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _prefill_chunk_scored(graphdef, state, cache, tokens, positions, mask, targets):
+    """As `_prefill_chunk`, plus the Scores [B, T] of each column's next token `targets` [B, T]."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens, positions, mask, cache)
+    b, t, v = logits.shape
+    scores = Scores.of(logits.reshape(b * t, v), targets.reshape(b * t))
+    return logits[:, -1], cache, jax.tree.map(lambda x: x.reshape(b, t, *x.shape[1:]), scores)
+
+
 @jax.jit
-def start(logits, lengths, max_new_tokens, params: SamplingParams, keys, stop_ids) -> DecodeState:
-    """Decode rows for prompts whose prefill gave `logits` [B, V]: samples each row's first token."""
-    first = sample(logits, params, keys, jnp.zeros(keys.shape, jnp.int32))
+def start(logits, lengths, max_new_tokens, params: SamplingParams, keys, stop_ids, prompt, logprobs) -> DecodeState:
+    """Decode rows for prompts whose prefill gave `logits` [B, V]: samples each row's first token.
+
+    `prompt` [B, V] marks each row's prompt tokens (repetition penalty), `logprobs` [B] the rows that report Scores.
+    """
+    batch = keys.shape[0]
+    counts = jnp.zeros(prompt.shape, jnp.int32)
+    first = sample(penalize(logits, params, counts, prompt), params, keys, jnp.zeros((batch,), jnp.int32))
     return DecodeState(
         tokens=first,
         positions=lengths.astype(jnp.int32),
@@ -108,27 +145,43 @@ def start(logits, lengths, max_new_tokens, params: SamplingParams, keys, stop_id
         max_new_tokens=max_new_tokens.astype(jnp.int32),
         params=params,
         keys=keys,
+        counts=counts.at[jnp.arange(batch), first].add(1),
+        prompt=prompt,
+        logprobs=logprobs,
     )
+
+
+_scores = jax.jit(Scores.of)
+
+
+def _row(scores: Scores, row: int, start: int, stop: int) -> Scores:
+    """Columns [start, stop) of one row of batched numpy Scores."""
+    return jax.tree.map(lambda x: x[row, start:stop], scores)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2, 3))
 def _decode(graphdef, state, cache: KVCache, dstate: DecodeState, stop_ids, num_steps: int):
     """Up to `num_steps` decode steps in one `lax.while_loop`, ending early once every row is done.
 
-    Returns (cache, dstate, tokens [B, num_steps]) with NO_TOKEN where a row sampled nothing.
+    Returns (cache, dstate, tokens [B, num_steps], Scores [B, num_steps]) with NO_TOKEN where a row sampled
+    nothing; the Scores are computed only in steps where some live row reports them (else zeros).
     """
-    batch = dstate.tokens.shape[0]
+    batch, vocab = dstate.counts.shape
+    k = min(MAX_TOP_LOGPROBS, vocab)
+    no_scores = Scores(jnp.zeros((batch,)), jnp.zeros((batch, k), jnp.int32), jnp.zeros((batch, k)))
 
     def cond(carry):
-        step, _, ds, _ = carry
+        step, _, ds, _, _ = carry
         return (step < num_steps) & ~jnp.all(ds.done)
 
     def body(carry):
-        step, cache, ds, out = carry
+        step, cache, ds, out, scores = carry
         model = nnx.merge(graphdef, state)
         live = ~ds.done  # [B]
         logits, cache = model(ds.tokens[:, None], ds.positions[:, None], live[:, None], cache)
-        token = sample(logits[:, 0], ds.params, ds.keys, ds.generated)  # [B]
+        logits = logits[:, 0]
+        token = sample(penalize(logits, ds.params, ds.counts, ds.prompt), ds.params, ds.keys, ds.generated)  # [B]
+        new = jax.lax.cond(jnp.any(live & ds.logprobs), lambda: Scores.of(logits, token), lambda: no_scores)
         generated = ds.generated + live
         stop = jnp.isin(token, stop_ids) | (generated >= ds.max_new_tokens)
         ds = ds.replace(
@@ -136,13 +189,16 @@ def _decode(graphdef, state, cache: KVCache, dstate: DecodeState, stop_ids, num_
             positions=ds.positions + live,
             done=ds.done | (live & stop),
             generated=generated,
+            counts=ds.counts.at[jnp.arange(batch), token].add(live.astype(jnp.int32)),
         )
         out = out.at[:, step].set(jnp.where(live, token, NO_TOKEN))
-        return step + 1, cache, ds, out
+        scores = jax.tree.map(lambda all_, x: all_.at[:, step].set(x), scores, new)
+        return step + 1, cache, ds, out, scores
 
     out = jnp.full((batch, num_steps), NO_TOKEN, jnp.int32)
-    _, cache, dstate, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, dstate, out))
-    return cache, dstate, out
+    scores = jax.tree.map(lambda x: jnp.zeros((batch, num_steps, *x.shape[1:]), x.dtype), no_scores)
+    _, cache, dstate, out, scores = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, dstate, out, scores))
+    return cache, dstate, out, scores
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -231,21 +287,42 @@ class Sampler:
 
         Prompts are left-padded to a bucket, so there is one compile per (bucket, batch size).
         """
+        logits, cache, _ = self._prefill(cache, prompts, score=False)
+        return logits, cache
+
+    def prefill_scored(
+        self, cache: KVCache, prompts: Sequence[Sequence[int]]
+    ) -> tuple[jax.Array, KVCache, list[Scores]]:
+        """`prefill`, plus each prompt's Scores (numpy, [len - 1]): of its tokens after the first, each under the
+        logits of the position before it. Chunks of at most SCORE_CHUNK columns bound the [T, V] logits."""
+        logits, cache, scores = self._prefill(cache, prompts, score=True)
+        end = scores.logprob.shape[1] - 1  # the last column scores the token after the prompt: not a prompt's
+        return logits, cache, [_row(scores, row, end - len(p) + 1, end) for row, p in enumerate(prompts)]
+
+    def _prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]], score: bool):
         self._check_lengths(prompts, max_new_tokens=0)
         longest = max(map(len, prompts))
         padded = bucket(longest, self.prefill_chunk)
         chunk = min(padded, self.prefill_chunk)
+        if score:  # the largest piece that tiles the chunk and keeps its logits small
+            chunk = max(d for d in range(1, min(chunk, SCORE_CHUNK) + 1) if chunk % d == 0)
         logger.info("prefill: batch %d, longest prompt %d -> bucket %d (%d chunk(s) of %d)",
                     len(prompts), longest, padded, padded // chunk, chunk)  # fmt: skip
         tokens, mask = left_pad(prompts, padded, self.tokenizer.pad_id)
         positions = np.where(mask, np.cumsum(mask, axis=1) - 1, EMPTY).astype(np.int32)
+        targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)  # each column's next token
+        pieces = []
         with sharding.on_mesh(self.mesh):
             for s in range(0, padded, chunk):
                 cols = slice(s, s + chunk)
-                logits, cache = _prefill_chunk(
-                    self._graphdef, self._state, cache, tokens[:, cols], positions[:, cols], mask[:, cols]
-                )
-        return logits, cache
+                args = (self._graphdef, self._state, cache, tokens[:, cols], positions[:, cols], mask[:, cols])
+                if score:
+                    logits, cache, piece = _prefill_chunk_scored(*args, targets[:, cols])
+                    pieces.append(piece)
+                else:
+                    logits, cache = _prefill_chunk(*args)
+        scores = jax.tree.map(lambda *x: np.concatenate(x, axis=1), *jax.device_get(pieces)) if score else None
+        return logits, cache, scores
 
     def start(
         self,
@@ -254,19 +331,41 @@ class Sampler:
         max_new_tokens: int,
         params: SamplingParams,
         seed: int,
+        *,
+        logprobs: bool = False,
     ) -> DecodeState:
-        """Decode rows for prefilled `prompts`: the first token sampled, one PRNG key per row from `seed`."""
+        """Decode rows for prefilled `prompts`: the first token sampled, one PRNG key per row from `seed`;
+        with `logprobs` the rows report their tokens' Scores from `decode`."""
         batch = len(prompts)
         keys = jax.random.split(jax.random.key(seed), batch)
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        seen = np.zeros((batch, self.config.vocab_size), bool)  # built on the host: no compile per prompt length
+        for row, p in enumerate(prompts):
+            seen[row, p] = True
         with sharding.on_mesh(self.mesh):
-            return start(logits, lengths, jnp.full((batch,), max_new_tokens, jnp.int32), params, keys, self._stop_ids)
+            return start(
+                logits,
+                lengths,
+                jnp.full((batch,), max_new_tokens, jnp.int32),
+                params,
+                keys,
+                self._stop_ids,
+                jnp.asarray(seen),
+                jnp.full((batch,), logprobs),
+            )
 
-    def decode(self, cache: KVCache, dstate: DecodeState, num_steps: int) -> tuple[KVCache, DecodeState, np.ndarray]:
-        """Run up to `num_steps` steps (static: one compile per value); tokens [B, num_steps], NO_TOKEN = none."""
+    def scores(self, logits: jax.Array, tokens: jax.Array) -> Scores:
+        """The Scores (numpy) of `tokens` [B] under `logits` [B, V]: a started row's first token, from its prefill."""
+        return jax.device_get(_scores(logits, tokens))
+
+    def decode(
+        self, cache: KVCache, dstate: DecodeState, num_steps: int
+    ) -> tuple[KVCache, DecodeState, np.ndarray, Scores]:
+        """Run up to `num_steps` steps (static: one compile per value): tokens [B, num_steps] (NO_TOKEN = none) and
+        their Scores (numpy, [B, num_steps]; set for the rows that report them)."""
         with sharding.on_mesh(self.mesh):
-            cache, dstate, out = _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
-        return cache, dstate, np.asarray(out)
+            cache, dstate, out, scores = _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
+        return cache, dstate, np.asarray(out), jax.device_get(scores)
 
     # -- whole requests ---------------------------------------------------------------------
 
@@ -319,7 +418,7 @@ class Sampler:
         dstate = self.start(logits, ids, max_new_tokens, params, seed)
         yield np.asarray(dstate.tokens)[:, None]
         while not bool(jnp.all(dstate.done)):
-            cache, dstate, out = self.decode(cache, dstate, steps)
+            cache, dstate, out, _ = self.decode(cache, dstate, steps)
             yield out
 
     def _encode(self, prompts: Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:

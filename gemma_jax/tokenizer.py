@@ -100,6 +100,10 @@ class Tokenizer:
                 ids.extend(self._sp.encode(part))
         return ids
 
+    def piece(self, token: int) -> str:
+        """The vocabulary entry of one id, as the model file spells it (e.g. "<eos>", "▁the", "<0x0A>")."""
+        return self._sp.id_to_piece(int(token))
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; control tokens (BOS, EOS, pad) decode to nothing, bytes are reassembled.
 

@@ -155,16 +155,16 @@ def test_insert_into_running_batch(models, tiny_tokenizer):
         logits, row_cache = sampler.prefill(sampler.new_cache(1), [p])
         return row_cache, sampler.start(logits, [p], 12, greedy, seed=0)
 
-    cache, dstate = sampler.new_cache(3), DecodeState.empty(3)  # row 2 stays free throughout
+    cache, dstate = sampler.new_cache(3), DecodeState.empty(3, model.config.vocab_size)  # row 2 stays free throughout
     cache, dstate = sampler_lib.insert(cache, dstate, *request(a), 0)
     rows = [[int(dstate.tokens[0])], [], []]
-    cache, dstate, out = sampler.decode(cache, dstate, 8)
+    cache, dstate, out, _ = sampler.decode(cache, dstate, 8)
     assert (out[1:] == sampler_lib.NO_TOKEN).all()  # free rows do not run
     rows[0] += out[0].tolist()
     cache, dstate = sampler_lib.insert(cache, dstate, *request(b), 1)
     rows[1].append(int(dstate.tokens[1]))
     while not bool(jnp.all(dstate.done)):
-        cache, dstate, out = sampler.decode(cache, dstate, 8)
+        cache, dstate, out, _ = sampler.decode(cache, dstate, 8)
         for row, new in zip(rows, out.tolist(), strict=True):
             row += [t for t in new if t != sampler_lib.NO_TOKEN]
     assert rows == [*alone, []]

@@ -305,7 +305,7 @@ BAD = [  # (path, body, status, words the error message must contain)
     ("/v1/completions", b'{"model": "tiny-gemma", "prompt": ', 400, ["not valid JSON"]),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temprature": 0}, 400, ["temprature"]),
     ("/v1/chat/completions", {"model": MODEL}, 400, ["messages", "required"]),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, 400, ["logprobs", "not supported"]),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 1}}, 400, ["logit_bias", "not supported"]),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, ["top_p"]),
     ("/v1/completions", {"model": MODEL, "prompt": [5000, 2]}, 400, ["token ids"]),
     ("/v1/completions", {"model": MODEL, "prompt": "x " * 300, "max_tokens": 4}, 400, ["256", "prompt"]),

@@ -12,9 +12,11 @@ away is cancelled, and so is a non-streamed one: either way its slot is freed be
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hmac
+import itertools
 import json
 import re
 import time
@@ -26,16 +28,22 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gemma_jax import __version__
-from gemma_jax.serve.engine import Engine, EngineClosed, Handle, Output, QueueFull, RequestFailed
+from gemma_jax.serve.engine import Engine, EngineClosed, Handle, Output, QueueFull, RequestFailed, TokenLogprob
 from gemma_jax.serve.policy import Policy
-from gemma_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from gemma_jax.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingRequest,
+    TokenizeRequest,
+)
 from gemma_jax.tokenizer import Tokenizer
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -62,48 +70,101 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 
 @dataclasses.dataclass(frozen=True)
 class _Format:
-    """How one endpoint shapes its choices, stream chunks and ids."""
+    """How one endpoint shapes its choices, stream chunks, logprobs and ids."""
 
     object: str
     chunk_object: str
     id_prefix: str
-    choice: Callable[[int, str, str], dict]  # (index, text, finish_reason) -> a response choice
-    deltas: Callable[[int, Output, bool], list[dict]]  # (index, output, first) -> stream chunk choices
+    choice: Callable[[int, str, str, dict | None], dict]  # (index, finish_reason, text, logprobs) -> a choice
+    # (index, text, logprobs, finish_reason, first) -> stream chunk choices
+    deltas: Callable[[int, str, dict | None, str | None, bool], list[dict]]
+    # (tokenizer, tokens' logprobs, offset of the first in the choice's text) -> the choice's "logprobs"
+    logprobs: Callable[[Tokenizer, list[TokenLogprob], int], dict]
 
 
-def _text_deltas(index: int, out: Output, first: bool) -> list[dict]:
-    return [{"index": index, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}]
+def _text_deltas(index: int, text: str, logprobs: dict | None, reason: str | None, first: bool) -> list[dict]:
+    return [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]
 
 
-def _chat_deltas(index: int, out: Output, first: bool) -> list[dict]:
+def _chat_deltas(index: int, text: str, logprobs: dict | None, reason: str | None, first: bool) -> list[dict]:
     deltas = []
-    if first or out.text:
-        delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
-        deltas.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
-    if out.finish_reason is not None:
-        deltas.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason})
+    if first or text or logprobs:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        deltas.append({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None})
+    if reason is not None:
+        deltas.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
     return deltas
+
+
+def _text_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob], offset: int) -> dict:
+    """OpenAI's legacy completions shape: parallel lists of token strings, logprobs ({token: logprob} of the
+    alternatives; None, as for a prompt's first token, where there is no logprob) and offsets in the text."""
+    tokens = [tokenizer.decode([e.token]) for e in entries]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [None if e.logprob is None else _by_text(tokenizer, e.top) for e in entries],
+        "text_offset": list(itertools.accumulate(map(len, tokens), initial=offset))[:-1],
+    }
+
+
+def _by_text(tokenizer: Tokenizer, top: tuple[tuple[int, float], ...]) -> dict[str, float]:
+    """{token text: logprob}, best first; of ids with the same text (byte pieces, controls) the best one."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(tokenizer.decode([token]), logprob)
+    return out
+
+
+def _chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob], offset: int) -> dict:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+
+    def item(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(*t) for t in e.top]} for e in entries]}
 
 
 COMPLETIONS = _Format(
     object="text_completion",
     chunk_object="text_completion",
     id_prefix="cmpl",
-    choice=lambda i, text, reason: {"index": i, "text": text, "logprobs": None, "finish_reason": reason},
+    choice=lambda i, reason, text, logprobs: {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason},
     deltas=_text_deltas,
+    logprobs=_text_logprobs,
 )
 CHAT = _Format(
     object="chat.completion",
     chunk_object="chat.completion.chunk",
     id_prefix="chatcmpl",
-    choice=lambda i, text, reason: {
+    choice=lambda i, reason, text, logprobs: {
         "index": i,
         "message": {"role": "assistant", "content": text},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": reason,
     },
     deltas=_chat_deltas,
+    logprobs=_chat_logprobs,
 )
+
+
+class _Pieces:
+    """Turns a choice's Outputs into response text and logprobs: echo's prompt text (and the prompt's logprobs)
+    before the completion's first piece, token strings, offsets running on through the choice's text."""
+
+    def __init__(self, tokenizer: Tokenizer, fmt: _Format, echoes: list[str] | None, logprobs: bool):
+        self.tokenizer, self.fmt, self.echoes, self.logprobs = tokenizer, fmt, echoes, logprobs
+        self.offsets: dict[int, int] = collections.defaultdict(int)
+
+    def __call__(self, index: int, out: Output, first: bool) -> tuple[str, dict | None]:
+        text = (self.echoes[index] if first and self.echoes else "") + out.text
+        logprobs = None
+        if self.logprobs:
+            entries = [*(out.prompt_logprobs or ()), *out.logprobs] if first else list(out.logprobs)
+            logprobs = self.fmt.logprobs(self.tokenizer, entries, self.offsets[index])
+        self.offsets[index] += len(text)
+        return text, logprobs
 
 
 class _EventStream(StreamingResponse):
@@ -199,8 +260,11 @@ def create_app(
         if not body.prompts:
             raise invalid("'prompt' is empty", "prompt")
         prompts = await run_in_threadpool(_encode_prompts, tokenizer, body.prompts)
-        max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
-        return await _generate(engine, request, body, prompts, [max_tokens] * len(prompts), COMPLETIONS, model_name)
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts] if body.echo else None
+        return await _generate(
+            engine, request, body, prompts, [max_tokens] * len(prompts), COMPLETIONS, model_name, echoes
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
@@ -219,6 +283,30 @@ def create_app(
         max_tokens = body.max_completion_tokens or body.max_tokens or max(context - len(prompt), 1)
         return await _generate(engine, request, body, [prompt], [max_tokens], CHAT, model_name)
 
+    # vLLM's tokenizer endpoints: lm-eval-harness's local-completions finds them (`tokenizer_backend=remote`,
+    # its default when they answer) and needs no tokenizer from the hub to score loglikelihoods.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        return {
+            "tokenizer_class": "gemma_jax.tokenizer.Tokenizer",
+            "bos_token": tokenizer.piece(tokenizer.bos_id),
+            "eos_token": tokenizer.piece(tokenizer.eos_id),
+            "pad_token": tokenizer.piece(tokenizer.pad_id),
+            "model_max_length": context,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict:
+        tokens = await run_in_threadpool(tokenizer.encode, body.prompt, add_bos=body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict:
+        vocab = tokenizer.vocab_size
+        if any(t >= vocab for t in body.tokens):
+            raise invalid(f"token ids must be in [0, {vocab})", "tokens")
+        return {"prompt": await run_in_threadpool(tokenizer.decode, body.tokens)}
+
     return app
 
 
@@ -230,8 +318,10 @@ async def _generate(
     max_tokens: list[int],
     fmt: _Format,
     model_name: str,
+    echoes: list[str] | None = None,
 ) -> Response:
-    """Submit n choices per prompt (choice index = prompt * n + j); answer as JSON or as an SSE stream."""
+    """Submit n choices per prompt (choice index = prompt * n + j); answer as JSON or as an SSE stream.
+    `echoes` (completions' echo) holds each prompt's text, sent before its choices' completions."""
     limit, longest = request.app.state.policy.max_prompt_tokens, max(map(len, prompts))
     if limit is not None and longest > limit:
         message = f"a prompt has {longest} tokens; this server accepts at most {limit} (--max-prompt-tokens)"
@@ -247,8 +337,11 @@ async def _generate(
         raise ApiError(503, str(e), "service_unavailable") from None
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
     prompt_tokens = sum(map(len, prompts))
+    n = len(choices) // len(prompts)
+    asked = any(x is not None for x in body.logprobs_asked())
+    pieces = _Pieces(engine.sampler.tokenizer, fmt, echoes and [e for e in echoes for _ in range(n)], asked)
     if body.stream:
-        return _EventStream(_events(handle, fmt, head, prompt_tokens, body.include_usage), handle)
+        return _EventStream(_events(handle, fmt, pieces, head, prompt_tokens, body.include_usage), handle)
     try:
         results = await _until_disconnect(request, _collect(handle, len(choices)))
     except RequestFailed as e:
@@ -257,25 +350,32 @@ async def _generate(
         handle.cancel()  # no-op unless the client left or the handler was cancelled
     if results is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
-    completion_tokens = sum(tokens for _, tokens, _ in results)
+    completion_tokens = sum(out.completion_tokens for out in results)
     return JSONResponse(
         {
             **head,
             "object": fmt.object,
-            "choices": [fmt.choice(i, text, reason) for i, (text, _, reason) in enumerate(results)],
+            "choices": [fmt.choice(i, out.finish_reason, *pieces(i, out, True)) for i, out in enumerate(results)],
             "usage": _usage(prompt_tokens, completion_tokens),
         }
     )
 
 
-async def _collect(handle: Handle, size: int) -> list[tuple[str, int, str]]:
-    """(text, completion tokens, finish reason) of every choice."""
-    texts: list[list[str]] = [[] for _ in range(size)]
-    ends: list[tuple[int, str]] = [(0, "")] * size
+async def _collect(handle: Handle, size: int) -> list[Output]:
+    """Every choice's Outputs joined into one: all its text and logprobs, the prompt's, the last count and reason."""
+    outs: list[list[Output]] = [[] for _ in range(size)]
     async for index, out in handle:
-        texts[index].append(out.text)
-        ends[index] = (out.completion_tokens, out.finish_reason or "")
-    return [("".join(t), *end) for t, end in zip(texts, ends, strict=True)]
+        outs[index].append(out)
+    return [
+        Output(
+            "".join(o.text for o in parts),
+            parts[-1].completion_tokens,
+            parts[-1].finish_reason or "",
+            tuple(e for o in parts for e in o.logprobs),
+            parts[0].prompt_logprobs,
+        )
+        for parts in outs
+    ]
 
 
 async def _until_disconnect(request: Request, work):
@@ -295,7 +395,7 @@ async def _until_disconnect(request: Request, work):
     return task.result() if task.done() and not task.cancelled() else None
 
 
-async def _events(handle: Handle, fmt: _Format, head: dict, prompt_tokens: int, include_usage: bool):
+async def _events(handle: Handle, fmt: _Format, pieces: _Pieces, head: dict, prompt_tokens: int, include_usage: bool):
     """SSE lines: chunks as tokens arrive, an optional usage chunk, then [DONE]; an error becomes an error event."""
     opened: set[int] = set()
     completion_tokens: dict[int, int] = {}
@@ -303,7 +403,8 @@ async def _events(handle: Handle, fmt: _Format, head: dict, prompt_tokens: int, 
     try:
         async for index, out in handle:
             completion_tokens[index] = out.completion_tokens
-            deltas = fmt.deltas(index, out, index not in opened)
+            first = index not in opened
+            deltas = fmt.deltas(index, *pieces(index, out, first), out.finish_reason, first)
             opened.add(index)
             for delta in deltas:
                 yield _sse({**head, "object": fmt.chunk_object, "choices": [delta], **extra})
@@ -360,7 +461,7 @@ def _describe(errors) -> tuple[str, str | None]:
     return (f"'{field}': {msg}" if field else msg), field
 
 
-_RequestT = TypeVar("_RequestT", bound=SamplingRequest)
+_RequestT = TypeVar("_RequestT", bound=BaseModel)
 
 
 def _encode_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -395,7 +496,17 @@ async def _chat_body(request: Request) -> ChatCompletionRequest:
     return await _validated(request, ChatCompletionRequest)
 
 
+async def _tokenize_body(request: Request) -> TokenizeRequest:
+    return await _validated(request, TokenizeRequest)
+
+
+async def _detokenize_body(request: Request) -> DetokenizeRequest:
+    return await _validated(request, DetokenizeRequest)
+
+
 CompletionBody = Annotated[CompletionRequest, Depends(_completion_body)]
+TokenizeBody = Annotated[TokenizeRequest, Depends(_tokenize_body)]
+DetokenizeBody = Annotated[DetokenizeRequest, Depends(_detokenize_body)]
 ChatBody = Annotated[ChatCompletionRequest, Depends(_chat_body)]
 
 

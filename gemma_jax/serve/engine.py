@@ -7,8 +7,9 @@ thread, so the event loop keeps serving HTTP while the device works. Each iterat
   2. runs `decode_steps` steps for all rows at once (`Sampler.decode`), first marking done the rows
      whose request ended on the host (cancelled, or a stop string matched);
   3. hands each request its new tokens as text, and frees the rows that finished.
-Sampling settings, seeds and token budgets are per-row arrays of the decode state, so requests
-with any settings share one compiled program; only a new prompt-length bucket compiles.
+Sampling settings, penalties, logprob requests, seeds and token budgets are per-row arrays of the decode
+state, so requests with any settings share one compiled program; only a new prompt-length bucket compiles.
+Log-probabilities are the raw model's (log_softmax of its logits, before penalties, temperature and filters).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from gemma_jax.kv_cache import KVCache
-from gemma_jax.sampler import NO_TOKEN, DecodeState, Sampler, insert
-from gemma_jax.sampling import SamplingParams, check
+from gemma_jax.sampler import NO_TOKEN, DecodeState, Sampler, Scores, insert
+from gemma_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams, check
 from gemma_jax.serve.metrics import Metrics
 from gemma_jax.tokenizer import StreamDecoder
 
@@ -48,24 +49,51 @@ class RequestFailed(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class GenerationParams:
-    """One request's settings: temperature 0 = greedy; top_k 0, top_p 1, min_p 0 disable a filter."""
+    """One request's settings: temperature 0 = greedy; top_k 0, top_p 1, min_p 0 disable a filter; presence and
+    frequency penalty 0 (OpenAI's) and repetition penalty 1 (HF's) disable a penalty (see sampling.penalize)."""
 
-    max_tokens: int
+    max_tokens: int  # 0: nothing is generated (the prompt's logprobs alone, for a scoring client)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     stop: tuple[str, ...] = ()  # strings that end the completion (not included in it)
     seed: int | None = None  # None: a fresh random seed
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # each sampled token's logprob, with this many alternatives; None: none
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); None: the prompt is not scored
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's raw-model log-probability and its `top` alternatives (token id, logprob), best first.
+    `logprob` is None for a prompt's first token: nothing precedes it."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class Output:
-    """A step of one completion: the new text, tokens sampled so far, and on the last one why it ended."""
+    """A step of one completion: the new text, tokens sampled so far, and on the last one why it ended;
+    with logprobs asked, those of the tokens behind `text`, and on the first Output the prompt's."""
 
     text: str
     completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" on the last Output
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+def token_logprobs(tokens: Sequence[int], scores: Scores, top: int) -> list[TokenLogprob]:
+    """TokenLogprobs of `tokens` from their numpy Scores [len(tokens)], keeping `top` alternatives each."""
+    return [
+        TokenLogprob(int(t), float(lp), tuple(zip(ids[:top].tolist(), tops[:top].tolist(), strict=True)))
+        for t, lp, ids, tops in zip(tokens, scores.logprob, scores.top_ids, scores.top_logprobs, strict=True)
+    ]
 
 
 class StopStrings:
@@ -104,20 +132,25 @@ class _Job:
         self.decoder = decoder
         self.stops = StopStrings(params.stop)
         self.generated = 0
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # set at admission when asked
         self.row: int | None = None
         self.finished = False
         self.cancelled = False
         self.submitted = time.perf_counter()
 
-    def feed(self, tokens: Sequence[int], stop_ids: frozenset[int], row_done: bool) -> Output | None:
-        """Take newly sampled tokens; return the Output to deliver (None when there is nothing new)."""
+    def feed(
+        self, tokens: Sequence[int], stop_ids: frozenset[int], row_done: bool, logprobs: Sequence[TokenLogprob] = ()
+    ) -> Output | None:
+        """Take newly sampled tokens (and their logprobs, when asked); return the Output to deliver (None when
+        there is nothing new). The logprobs go out with the tokens that make the text: not a stop id's."""
         first = self.generated == 0
-        pieces, reason, hit = [], None, False
-        for token in tokens:
+        pieces, kept, reason, hit = [], [], None, False
+        for i, token in enumerate(tokens):
             self.generated += 1
             if token in stop_ids:
                 reason = "stop"
                 break
+            kept.extend(logprobs[i : i + 1])
             text, hit = self.stops.push(self.decoder.push([token]))
             pieces.append(text)
             if hit:
@@ -131,9 +164,9 @@ class _Job:
             reason = "stop" if hit else reason
         self.finished = reason is not None
         text = "".join(pieces)
-        if not text and reason is None and not first:  # the first Output always goes out (it opens the stream)
+        if not text and not kept and reason is None and not first:  # the first always goes out: it opens the stream
             return None
-        return Output(text, self.generated, reason)
+        return Output(text, self.generated, reason, tuple(kept), self.prompt_logprobs if first else None)
 
 
 class Handle:
@@ -192,7 +225,7 @@ class Engine:
         self.slots, self.decode_steps, self.max_queue = slots, decode_steps, max_queue
         self.metrics = Metrics(slots, registry)
         self._cache = sampler.new_cache(slots)  # over the sampler's mesh, if any, in its shardings
-        self._dstate = DecodeState.empty(slots)
+        self._dstate = DecodeState.empty(slots, sampler.config.vocab_size)
         self._stop_ids = frozenset(sampler.tokenizer.stop_ids)
         self._rows: list[_Job | None] = [None] * slots
         self._pending: collections.deque[_Job] = collections.deque()
@@ -253,8 +286,12 @@ class Engine:
         vocab = self.sampler.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
+        if not isinstance(params.max_tokens, int) or params.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0 (0: the prompt only), got {params.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_TOP_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}] or None, got {value!r}")
         context = self.sampler.cache_length
         if len(prompt) >= context:
             raise ValueError(
@@ -269,7 +306,15 @@ class Engine:
             )
         if any(not s for s in params.stop):
             raise ValueError("stop strings must be non-empty")
-        check(params.temperature, params.top_k, params.top_p, params.min_p)
+        check(
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            params.min_p,
+            params.presence_penalty,
+            params.frequency_penalty,
+            params.repetition_penalty,
+        )
 
     def submit(self, prompts: Sequence[Sequence[int]], params: Sequence[GenerationParams]) -> Handle:
         """Queue completions (all or none); their outputs come through the returned Handle."""
@@ -345,15 +390,17 @@ class Engine:
             self.metrics.queue_depth.set(len(self._pending))
             row = self._rows.index(None)
             try:
-                row_cache, row_state, first, done = await self._run(self._prefill, job.prompt, job.params, job.seed)
+                row_cache, row_state, first, done, scores, job.prompt_logprobs = await self._run(
+                    self._prefill, job.prompt, job.params, job.seed
+                )
             except Exception as e:
                 logger.exception("prefill failed for a %d-token prompt", len(job.prompt))
                 self._fail(job, e)
                 continue
             self.metrics.prompt_tokens.inc(len(job.prompt))
-            self.metrics.generation_tokens.inc()
+            self.metrics.generation_tokens.inc(len(first))
             self.metrics.time_to_first_token.observe(time.perf_counter() - job.submitted)
-            output = job.feed([first], self._stop_ids, done)
+            output = job.feed(first, self._stop_ids, done, scores)
             if job.cancelled:
                 self._finish(job, "cancelled")
                 continue
@@ -373,7 +420,7 @@ class Engine:
         release = np.array([job is not None and job.finished for job in self._rows])
         release |= np.array([job is not None and job.cancelled for job in self._rows])
         start = time.perf_counter()
-        tokens, done = await self._run(self._decode, release)
+        tokens, done, scores = await self._run(self._decode, release)
         new = int(np.sum(tokens != NO_TOKEN))
         self.metrics.generation_tokens.inc(new)
         self.metrics.tokens_per_second.set(new / (time.perf_counter() - start))
@@ -385,7 +432,10 @@ class Engine:
                     self._finish(job, "cancelled")
                 self._rows[row] = None
                 continue
-            output = job.feed(tokens[row][tokens[row] != NO_TOKEN].tolist(), self._stop_ids, bool(done[row]))
+            new = tokens[row] != NO_TOKEN
+            kept = tokens[row][new].tolist()
+            logprobs = () if job.params.logprobs is None else self._logprobs(kept, scores, row, new, job.params)
+            output = job.feed(kept, self._stop_ids, bool(done[row]), logprobs)
             if output is not None:
                 job.handle._put(job, output)
             if job.finished:
@@ -403,24 +453,51 @@ class Engine:
 
     # -- device work (worker thread; the only code that touches the batch's cache and state) ----------
 
+    @staticmethod
+    def _logprobs(tokens: list[int], scores: Scores, row: int, new: np.ndarray, params: GenerationParams):
+        """The TokenLogprobs of one row's new tokens, from a decode call's Scores [B, steps]."""
+        return token_logprobs(tokens, Scores(*(x[row][new] for x in dataclasses.astuple(scores))), params.logprobs)
+
     def _prefill(self, prompt: list[int], params: GenerationParams, seed: int):
-        logits, row_cache = self.sampler.prefill(self.sampler.new_cache(1), [prompt])
+        """(row cache, row state, first tokens, done, their logprobs, the prompt's logprobs); with max_tokens 0
+        only the prompt is prefilled (and scored): no row, no token."""
+        cache = self.sampler.new_cache(1)
+        prompt_logprobs = None
+        if params.prompt_logprobs is None:
+            logits, row_cache = self.sampler.prefill(cache, [prompt])
+        else:
+            logits, row_cache, (scores,) = self.sampler.prefill_scored(cache, [prompt])
+            rest = token_logprobs(prompt[1:], scores, params.prompt_logprobs)
+            prompt_logprobs = (TokenLogprob(prompt[0], None), *rest)
+        if params.max_tokens == 0:
+            return None, None, [], True, [], prompt_logprobs
         sampling = SamplingParams.create(
-            1, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p
+            1,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
         )
-        row_state = self.sampler.start(logits, [prompt], params.max_tokens, sampling, seed)
-        return row_cache, row_state, int(row_state.tokens[0]), bool(row_state.done[0])
+        reports = params.logprobs is not None
+        row_state = self.sampler.start(logits, [prompt], params.max_tokens, sampling, seed, logprobs=reports)
+        first = [int(row_state.tokens[0])]
+        scores = self.sampler.scores(logits, row_state.tokens) if reports else None
+        logprobs = token_logprobs(first, scores, params.logprobs) if reports else []
+        return row_cache, row_state, first, bool(row_state.done[0]), logprobs, prompt_logprobs
 
     def _insert(self, row_cache: KVCache, row_state: DecodeState, row: int) -> None:
         self._cache, self._dstate = insert(self._cache, self._dstate, row_cache, row_state, row)
 
-    def _decode(self, release: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mark `release` rows done, run `decode_steps` steps: (tokens [B, steps], done [B]) on the host."""
+    def _decode(self, release: np.ndarray) -> tuple[np.ndarray, np.ndarray, Scores]:
+        """Mark `release` rows done, run `decode_steps` steps: (tokens [B, steps], done [B], Scores) on the host."""
         self._dstate = self._dstate.replace(done=self._dstate.done | release)
-        self._cache, self._dstate, tokens = self.sampler.decode(self._cache, self._dstate, self.decode_steps)
-        return tokens, np.asarray(self._dstate.done)
+        self._cache, self._dstate, tokens, scores = self.sampler.decode(self._cache, self._dstate, self.decode_steps)
+        return tokens, np.asarray(self._dstate.done), scores
 
     def _reset(self) -> None:
         """A fresh, empty batch (after a failure may have consumed the donated buffers)."""
         self._cache = self.sampler.new_cache(self.slots)
-        self._dstate = DecodeState.empty(self.slots)
+        self._dstate = DecodeState.empty(self.slots, self.sampler.config.vocab_size)

@@ -12,6 +12,8 @@ import dataclasses
 import math
 import os
 
+from gemma_jax.sampling import MAX_TOP_LOGPROBS
+
 API_KEY_ENV = "GEMMA_JAX_API_KEY"
 
 
@@ -24,15 +26,18 @@ class Policy:
     max_prompt_tokens: int | None = None  # None: the model's context is the only bound
     max_stop: int = 16  # stop strings per request
     max_stop_chars: int = 256  # characters per stop string (they are matched on every token)
+    max_logprobs: int = MAX_TOP_LOGPROBS  # alternatives per token: completions' logprobs, chat's top_logprobs
     request_timeout: float = 30.0  # seconds for a request's headers and body to arrive
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     api_key: str | None = None  # None: no authentication
     allowed_hosts: tuple[str, ...] = ()  # Host header values accepted ("*.example.com" matches subdomains); (): any
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_n", "max_stop", "max_stop_chars"):
+        for name in ("max_body_bytes", "max_n", "max_stop", "max_stop_chars", "max_logprobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_logprobs > MAX_TOP_LOGPROBS:
+            raise ValueError(f"max_logprobs must be at most {MAX_TOP_LOGPROBS} (the decode step's top-k width)")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.request_timeout <= 0 or self.keep_alive_timeout <= 0:
@@ -47,6 +52,7 @@ _BOUNDS = (
     ("max_n", int, "N", "most completions per request, n x prompts"),
     ("max_stop", int, "N", "most stop strings per request"),
     ("max_stop_chars", int, "CHARS", "longest stop string"),
+    ("max_logprobs", int, "N", f"most alternatives per token for logprobs / top_logprobs, at most {MAX_TOP_LOGPROBS}"),
     ("request_timeout", float, "SECONDS", "time for a request's headers and body to arrive, else 408 and close"),
     ("keep_alive_timeout", float, "SECONDS", "time an idle keep-alive connection stays open"),
 )
@@ -58,7 +64,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     for name, kind, metavar, text in _BOUNDS:
         default = getattr(Policy, name)
         help = f"{text} (default: {default})"
-        g.add_argument("--" + name.replace("_", "-"), type=_positive(kind), default=default, metavar=metavar, help=help)
+        kind = _positive(kind, MAX_TOP_LOGPROBS if name == "max_logprobs" else math.inf)
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=default, metavar=metavar, help=help)
     g.add_argument(
         "--max-prompt-tokens",
         type=_positive(int),
@@ -93,7 +100,7 @@ def _key(s: str) -> str:
     return s
 
 
-def _positive(kind: type):
+def _positive(kind: type, most: float = math.inf):
     def parse(s: str):
         try:
             value = kind(s)
@@ -101,6 +108,8 @@ def _positive(kind: type):
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {s!r}") from None
         if not (value > 0 and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"must be a positive finite {kind.__name__}, got {s}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {s}")
         return value
 
     return parse

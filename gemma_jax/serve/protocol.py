@@ -1,13 +1,14 @@
 """The OpenAI request bodies we accept, validated by pydantic; anything else is a 400.
 
 Unknown fields are rejected (a typo such as `temprature` must not be silently ignored). OpenAI
-fields we do not implement (penalties, logprobs, tools, ...) are accepted only at their neutral
+fields we do not implement (logit_bias, tools, ...) are accepted only at their neutral
 value, so a client that sends the defaults works and one that relies on them gets a clear error.
-`top_k` and `min_p` are extensions (as in vLLM); `top_k: -1` also means "no top-k filter".
+`top_k`, `min_p` and `repetition_penalty` are extensions (as in vLLM); `top_k: -1` also means "no top-k filter".
+Logprobs are the raw model's log_softmax (before penalties, temperature and filters), as vLLM reports them.
 
 Types are strict (`"10"` and `true` are no integers), numbers must fit what the device uses
 (int64 seed, int32 top_k, float32 temperature), text must be encodable, and the server's `Policy`
-bounds (n, stop strings) are checked while validating: `model_validate(data, context=policy)`.
+bounds (n, stop strings, logprobs) are checked while validating: `model_validate(data, context=policy)`.
 """
 
 from __future__ import annotations
@@ -44,11 +45,22 @@ def _float32(x: float) -> float:
 Text = Annotated[str, AfterValidator(_unicode)]
 Stop = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
 NonNegative = Annotated[float, Field(ge=0), AfterValidator(_float32)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]  # OpenAI's range for presence and frequency penalties
 
 
 def _policy(info: ValidationInfo) -> Policy:
     """The Policy passed as validation context (`model_validate(..., context=policy)`), else the defaults."""
     return info.context if isinstance(info.context, Policy) else Policy()
+
+
+def _bounded_logprobs(k: int, info: ValidationInfo) -> int:
+    limit = _policy(info).max_logprobs
+    if k > limit:
+        raise ValueError(f"at most {limit} alternatives per token (the server's --max-logprobs), got {k}")
+    return k
+
+
+Logprobs = Annotated[int, Field(ge=0), AfterValidator(_bounded_logprobs)]  # alternatives per token
 
 
 class _Body(BaseModel):
@@ -77,16 +89,13 @@ class SamplingRequest(_Body):
     user: Text | None = None  # accepted and ignored, as are metadata and store
     metadata: dict[Text, Text] | None = None
     store: bool | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0), AfterValidator(_float32)] | None = None
     # Not implemented: accepted at their neutral values only.
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
 
-    _NEUTRAL: ClassVar[tuple[tuple[str, tuple[Any, ...]], ...]] = (
-        ("frequency_penalty", (None, 0)),
-        ("presence_penalty", (None, 0)),
-        ("logit_bias", (None, {})),
-    )
+    _NEUTRAL: ClassVar[tuple[tuple[str, tuple[Any, ...]], ...]] = (("logit_bias", (None, {})),)
 
     @field_validator("n")
     @classmethod
@@ -113,9 +122,14 @@ class SamplingRequest(_Body):
                 raise ValueError(f"'{name}' is not supported by this server; omit it or use {neutral[-1]!r}")
         return self
 
+    def logprobs_asked(self) -> tuple[int | None, int | None]:
+        """(alternatives per sampled token, per prompt token); None where no logprobs are asked."""
+        return None, None
+
     def generation_params(self, max_tokens: int) -> list[GenerationParams]:
         """One GenerationParams per choice (n of them); choice i of a seeded request uses seed + i."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        logprobs, prompt_logprobs = self.logprobs_asked()
         base = GenerationParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -123,6 +137,11 @@ class SamplingRequest(_Body):
             top_k=max(self.top_k or 0, 0),
             min_p=self.min_p or 0.0,
             stop=stop,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         n = self.n or 1
         # seed + i wraps around within int64, as the seed's range is all of it
@@ -136,18 +155,27 @@ class SamplingRequest(_Body):
 
 class CompletionRequest(SamplingRequest):
     prompt: Text | list[Text] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    # 0 with echo: the prompt's logprobs alone (lm-eval-harness scores loglikelihoods so)
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    logprobs: Logprobs | None = None
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
 
     _NEUTRAL = (
         *SamplingRequest._NEUTRAL,
-        ("logprobs", (None,)),
-        ("echo", (None, False)),
         ("suffix", (None,)),
         ("best_of", (None, 1)),
     )
+
+    @model_validator(mode="after")
+    def _zero_tokens_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("'max_tokens' may be 0 only with 'echo': true (to score the prompt); ask for 1 or more")
+        return self
+
+    def logprobs_asked(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
 
     @field_validator("prompt")
     @classmethod
@@ -191,7 +219,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Logprobs | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -199,14 +227,36 @@ class ChatCompletionRequest(SamplingRequest):
 
     _NEUTRAL = (
         *SamplingRequest._NEUTRAL,
-        ("logprobs", (None, False)),
-        ("top_logprobs", (None,)),
         ("tools", (None, [])),
         ("tool_choice", (None, "none")),
         ("response_format", (None, {"type": "text"})),
     )
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return self
+
+    def logprobs_asked(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
+
     @property
     def chat(self) -> list[dict[str, str]]:
         """Messages for the tokenizer's chat template ("developer" is OpenAI's newer name for "system")."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in self.messages]
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize body: text to token ids; `add_special_tokens` puts BOS first."""
+
+    model: Text | None = None
+    prompt: Text
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's /detokenize body: token ids to text."""
+
+    model: Text | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
