@@ -244,6 +244,20 @@ def test_bad_eval_values_get_400_naming_the_field(server):
         assert all(w in reply["error"]["message"] for w in words), (words, reply)
 
 
+def test_max_logprobs_flag():
+    """--max-logprobs lowers the bound; above the compiled top-k width (20) it is refused when parsed."""
+    from gemma_jax.serve.__main__ import build_parser
+    from gemma_jax.serve.policy import Policy, from_args
+
+    assert from_args(build_parser().parse_args(["--max-logprobs", "5"])).max_logprobs == 5
+    assert Policy().max_logprobs == 20
+    for bad in ("21", "0"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--max-logprobs", bad])
+    with pytest.raises(ValueError, match="at most 20"):
+        Policy(max_logprobs=21)
+
+
 def test_tokenizer_endpoints(server):
     """vLLM's /tokenizer_info, /tokenize and /detokenize, as lm-eval's remote tokenizer calls them."""
     tok = server.engine.sampler.tokenizer

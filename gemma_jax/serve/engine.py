@@ -65,6 +65,10 @@ class GenerationParams:
     logprobs: int | None = None  # each sampled token's logprob, with this many alternatives; None: none
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); None: the prompt is not scored
 
+    def sampling(self) -> dict[str, float]:
+        """The settings a row's SamplingParams holds, by their names there."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
@@ -306,15 +310,7 @@ class Engine:
             )
         if any(not s for s in params.stop):
             raise ValueError("stop strings must be non-empty")
-        check(
-            params.temperature,
-            params.top_k,
-            params.top_p,
-            params.min_p,
-            params.presence_penalty,
-            params.frequency_penalty,
-            params.repetition_penalty,
-        )
+        check(**params.sampling())
 
     def submit(self, prompts: Sequence[Sequence[int]], params: Sequence[GenerationParams]) -> Handle:
         """Queue completions (all or none); their outputs come through the returned Handle."""
@@ -471,16 +467,7 @@ class Engine:
             prompt_logprobs = (TokenLogprob(prompt[0], None), *rest)
         if params.max_tokens == 0:
             return None, None, [], True, [], prompt_logprobs
-        sampling = SamplingParams.create(
-            1,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            repetition_penalty=params.repetition_penalty,
-        )
+        sampling = SamplingParams.create(1, **params.sampling())
         reports = params.logprobs is not None
         row_state = self.sampler.start(logits, [prompt], params.max_tokens, sampling, seed, logprobs=reports)
         first = [int(row_state.tokens[0])]
