@@ -356,7 +356,8 @@ class Sampler:
 
     def scores(self, logits: jax.Array, tokens: jax.Array) -> Scores:
         """The Scores (numpy) of `tokens` [B] under `logits` [B, V]: a started row's first token, from its prefill."""
-        return jax.device_get(_scores(logits, tokens))
+        with sharding.on_mesh(self.mesh):
+            return jax.device_get(_scores(logits, tokens))
 
     def decode(
         self, cache: KVCache, dstate: DecodeState, num_steps: int

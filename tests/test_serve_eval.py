@@ -133,6 +133,13 @@ def test_chat_logprobs_and_top_logprobs(server, log_softmax):
     tops = [[t.logprob for t in c.top_logprobs] for c in content]
     np.testing.assert_allclose(tops, top(log_softmax, ids, 2)[len(prompt) - 1 :], atol=1e-4)
     assert choice_of(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)).logprobs is None
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [
+        c for chunk in stream if chunk.choices and chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content
+    ]
+    assert [c.model_dump() for c in streamed] == [c.model_dump() for c in content]
 
 
 def test_echo_with_zero_max_tokens_scores_prompts(server, log_softmax):

@@ -1,5 +1,6 @@
 """The HTTP layer: OpenAI's /v1/completions and /v1/chat/completions (JSON or SSE), /v1/models,
-/health and Prometheus /metrics, over one `Engine`.
+/health and Prometheus /metrics, over one `Engine`; and vLLM's /tokenize, /detokenize and /tokenizer_info,
+which evaluation clients (lm-eval-harness's `tokenizer_backend=remote`) use instead of a hub tokenizer.
 
 Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`: invalid
 requests 400 (a chat request to a base model too: it was not trained on the template), a missing API
