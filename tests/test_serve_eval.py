@@ -25,7 +25,7 @@ from test_serve import MODEL, Server, post
 from gemma_jax import checkpoint
 from gemma_jax import sampler as sampler_lib
 from gemma_jax.sampler import Sampler
-from gemma_jax.serve import Engine
+from gemma_jax.serve import Engine, GenerationParams
 from gemma_jax.tokenizer import Tokenizer
 
 CONTEXT = 256
@@ -249,6 +249,23 @@ def test_bad_eval_values_get_400_naming_the_field(server):
         code, reply, _ = post(server.url + path, body)
         assert (code, reply["error"]["param"]) == (400, param), (body, reply)
         assert all(w in reply["error"]["message"] for w in words), (words, reply)
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"logprobs": 21}, r"logprobs must be an integer in \[0, 20\]"),
+        ({"prompt_logprobs": -1}, r"prompt_logprobs must be an integer in \[0, 20\]"),
+        ({"max_tokens": -1}, "max_tokens must be an integer >= 0"),
+        ({"frequency_penalty": 2.5}, r"frequency_penalty must be in \[-2, 2\]"),
+        ({"presence_penalty": float("nan")}, r"presence_penalty must be in \[-2, 2\]"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be a finite number > 0"),
+    ],
+)
+def test_engine_refuses_bad_eval_settings(server, settings, match):
+    """The engine's own check, for callers that build GenerationParams without the HTTP schema."""
+    with pytest.raises(ValueError, match=match):
+        server.engine.check([2, 5, 9], GenerationParams(**{"max_tokens": 4, **settings}))
 
 
 def test_max_logprobs_flag():
