@@ -369,7 +369,8 @@ def test_memory_table_script_matches_docs():
     """benchmarks/memory_table.py runs (shapes only) and docs/sharding.md holds its current output."""
     script = runpy.run_path(str(REPO / "benchmarks" / "memory_table.py"))
     table = script["table"]()
-    assert table in (REPO / "docs" / "sharding.md").read_text(), "rerun benchmarks/memory_table.py into the docs"
+    docs = (REPO / "docs" / "sharding.md").read_text()
+    assert table in docs and script["cache_table"]() in docs, "rerun benchmarks/memory_table.py into the docs"
     readme_rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| 9b |")]
     assert readme_rows and all(line in table.splitlines() for line in readme_rows)
     row = script["row"]("9b", "v5e-8", "fsdp=8")  # fsdp=8 splits every parameter and the batch of 8 eight ways
@@ -377,3 +378,6 @@ def test_memory_table_script_matches_docs():
     assert row.weights * 8 == 2 * sum(x.size for x in jax.tree.leaves(params))
     slots = 8 * 21 * (16384 + 4096)  # 8 rows x 21 x (global + sliding ring) slots
     assert row.cache * 8 == slots * (2 * 8 * 256 * 2 + 4)  # k and v: 8 kv heads x 256 bf16; positions int32
+    per_sequence = slots // 8
+    for dtype in ("fp8", "int8"):  # keys and values of 8 kv heads x 256 in one byte, a float32 scale per head each
+        assert script["cache_parts"](dtype) == (per_sequence * 2 * 8 * 256, per_sequence * 2 * 8 * 4, per_sequence * 4)
