@@ -6,6 +6,9 @@ test_pallas_decode.py (both kernels); its shardings in test_sharding.py.
 
 from __future__ import annotations
 
+import argparse
+import pathlib
+import runpy
 import shutil
 
 import jax
@@ -21,6 +24,7 @@ from gemma_jax import checkpoint, kv_cache, sample
 from gemma_jax import sampler as sampler_lib
 from gemma_jax.sampler import Sampler
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = gj.gemma2_tiny(sliding_window=16, num_layers=3)  # a ring, a scanned group and a tail layer
 EIGHT_BITS = ["int8", "fp8"]
 
@@ -189,3 +193,19 @@ def test_serve_cli_cache_dtype(ckpt, monkeypatch):
     (engine,) = served
     assert engine.sampler.cache_dtype == jnp.float8_e4m3fn
     assert jax.eval_shape(lambda: engine.sampler.new_cache(2)).groups[0].k_scale is not None
+
+
+def test_fp8_benchmark_cache_rows_run_on_cpu():
+    """benchmarks/fp8.py's accelerator command times decode over a bf16, fp8 and int8 cache filled to --cache-fill;
+    on the CPU at a tiny shape its rows build, compile and run, and its filled cache holds what a prefill would."""
+    script = runpy.run_path(str(REPO / "benchmarks" / "fp8.py"))
+    config = gj.gemma2_tiny(sliding_window=16)
+    cache = script["filled_cache"](config, 2, 42, "int8", 40)
+    ring, full = cache.groups  # sliding (16 slots) and global (42 slots)
+    assert sorted(np.asarray(ring.positions[0, 1]).tolist()) == list(range(24, 40))  # the last 16 of 40
+    assert np.asarray(full.positions[0, 1]).tolist() == [*range(40), kv_cache.EMPTY, kv_cache.EMPTY]
+    model = gj.Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    args = argparse.Namespace(batch=[2], cache_fill=40, steps=2, repeats=1)
+    rows = list(script["bench_cache"](model, config, args, None))
+    assert [r["cache"] for r in rows] == ["bfloat16", "fp8", "int8"] and all(r["decode"] > 0 for r in rows)
+    assert rows[1]["step_gb"] < rows[0]["step_gb"]  # half the cache bytes read per step

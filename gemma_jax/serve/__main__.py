@@ -137,14 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             storage=storage if quantized else None,
         )
         tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat)
-        sampler = Sampler(
-            model,
-            tokenizer,
-            cache_length=args.cache_length,
-            prefill_chunk=args.prefill_chunk,
-            cache_dtype=args.cache_dtype,
-            mesh=mesh,
-        )
+        cache = dict(cache_length=args.cache_length, prefill_chunk=args.prefill_chunk, cache_dtype=args.cache_dtype)
+        sampler = Sampler(model, tokenizer, mesh=mesh, **cache)
         engine = Engine(sampler, slots=args.slots, decode_steps=args.decode_steps, max_queue=args.max_queue)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
