@@ -208,9 +208,9 @@ def decode_gpu(
     return out[:, :, :g].reshape(q.shape).astype(q.dtype)
 
 
-def _tpu_kernel(q_pos_ref, layer_ref, q_ref, k_ref, v_ref, pos_ref, *refs, size, block, window, scale, cap):
+def _tpu_kernel(q_pos_ref, layer_ref, q_ref, k_ref, v_ref, pos_ref, *refs, size, block, window, scale, cap, quantized):
     del layer_ref  # used by the index maps only
-    ks_ref, vs_ref = refs[:2] if len(refs) == 6 else (None, None)  # the scales of an 8-bit cache
+    ks_ref, vs_ref = refs[:2] if quantized else (None, None)  # the scales of an 8-bit cache
     o_ref, m_sc, l_sc, acc_sc = refs[-4:]
     row, j = pl.program_id(0), pl.program_id(2)
     q_pos = q_pos_ref[row]
@@ -234,7 +234,7 @@ def _tpu_kernel(q_pos_ref, layer_ref, q_ref, k_ref, v_ref, pos_ref, *refs, size,
             slot_rows = j * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
             v = jnp.where(slot_rows < size, v, jnp.zeros_like(v))
         v_scale = None
-        if ks_ref is not None:  # 8-bit: [1, block] scales per key; padding's scale is zeroed like its values
+        if quantized:  # 8-bit: [1, block] scales per key; padding's scale is zeroed like its values
             s, v = s * (scale * ks_ref[...]), v.astype(q.dtype)
             v_scale = jnp.where(inside, vs_ref[...], 0.0)
         else:
@@ -294,14 +294,17 @@ def decode_tpu(
         pl.BlockSpec((*squeeze, b, block), lambda r, kh, j, qp, ly: (*lead(ly), 0, key_block(r, j, qp))),
     ]
     args = [q_pos.astype(jnp.int32), layer, q4, cache.k, cache.v, cache.positions]
-    if cache.k_scale is not None:  # scales [(G,) B, K, 1, S]: a lane-dense [1, block] tile per key block
+    quantized = cache.k_scale is not None
+    if quantized:  # scales [(G,) B, K, 1, S]: a lane-dense [1, block] tile per key block
 
         def scale_block(r, kh, j, qp, ly):
             return (*lead(ly), r, kh, 0, key_block(r, j, qp))
 
         in_specs += [pl.BlockSpec((*squeeze, None, None, 1, block), scale_block)] * 2
         args += [cache.k_scale, cache.v_scale]
-    kernel = functools.partial(_tpu_kernel, size=size, block=block, window=window, scale=scale, cap=cap)
+    kernel = functools.partial(
+        _tpu_kernel, size=size, block=block, window=window, scale=scale, cap=cap, quantized=quantized
+    )
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
