@@ -209,3 +209,28 @@ def test_fp8_benchmark_cache_rows_run_on_cpu():
     rows = list(script["bench_cache"](model, config, args, None))
     assert [r["cache"] for r in rows] == ["bfloat16", "fp8", "int8"] and all(r["decode"] > 0 for r in rows)
     assert rows[1]["step_gb"] < rows[0]["step_gb"]  # half the cache bytes read per step
+
+
+def test_server_engine_inserts_8bit_rows(model, tiny_tokenizer):
+    """The server's engine with an int8 cache: more prompts than slots, so rows are prefilled alone and inserted
+    (scales and all) into the running batch and reused; each gets the text the Sampler gives it alone."""
+    import asyncio
+
+    from gemma_jax.serve import GenerationParams
+    from gemma_jax.serve.engine import Engine
+
+    sampler = Sampler(model, tiny_tokenizer, cache_length=64, cache_dtype="int8")
+    prompts = [[2, *range(120, 150)], [2, 300, 301, 302], [2, *range(400, 410)]]
+    want = [sampler.generate([p], max_new_tokens=8)[0].text for p in prompts]
+    engine = Engine(sampler, slots=2)
+
+    async def serve() -> list[str]:
+        engine.start()
+        handle = engine.submit(prompts, [GenerationParams(max_tokens=8, temperature=0)] * len(prompts))
+        texts = [""] * len(prompts)
+        async for i, out in handle:
+            texts[i] += out.text
+        await engine.close()
+        return texts
+
+    assert asyncio.run(serve()) == want
