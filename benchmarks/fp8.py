@@ -314,8 +314,9 @@ be empty. Nobody minded. The finding was the point."""
 
 
 def real_model(args) -> bool:
-    """Perplexity and next-token agreement on TEXT: float32, bf16, FP8 and int8 (as served: bf16 compute) vs bf16;
-    then checkpoint bytes. True if every 8-bit variant is within MAX_PPL_INCREASE of bf16's perplexity."""
+    """Perplexity and next-token agreement on TEXT: float32, bf16, FP8 and int8 (as served: bf16 compute), and bf16
+    weights through a bf16, fp8 and int8 KV cache, vs bf16; then checkpoint bytes. True if every 8-bit variant
+    (weights or cache) is within MAX_PPL_INCREASE of bf16's perplexity."""
     from gemma_jax import checkpoint, default_model
     from gemma_jax.tokenizer import Tokenizer
 
