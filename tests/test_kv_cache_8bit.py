@@ -226,11 +226,11 @@ def test_server_engine_inserts_8bit_rows(model, tiny_tokenizer):
 
     async def serve() -> list[str]:
         engine.start()
-        handle = engine.submit(prompts, [GenerationParams(max_tokens=8, temperature=0)] * len(prompts))
-        texts = [""] * len(prompts)
-        async for i, out in handle:
-            texts[i] += out.text
-        await engine.close()
-        return texts
+        params = [GenerationParams(max_tokens=8, temperature=0)] * len(prompts)
+        try:
+            pieces = [(i, out.text) async for i, out in engine.submit(prompts, params)]
+        finally:
+            await engine.close()
+        return ["".join(text for j, text in pieces if j == i) for i in range(len(prompts))]
 
     assert asyncio.run(serve()) == want
