@@ -1,4 +1,4 @@
-"""FP8 benchmark: bf16 vs FP8 weight-only vs W8A8 decode and prefill speed at the 9B shape, and FP8 quality.
+"""8-bit benchmark: bf16 vs FP8 / int8 weight-only vs W8A8 speed at the 9B shape, the 8-bit KV cache, and quality.
 
     python benchmarks/fp8.py                         # GPU (H100) or TPU: gemma2_9b, batch 1 and 8, 2k prompt
     python benchmarks/fp8.py --preset gemma2_tiny    # CPU smoke run (W8A8 emulated: XLA upcasts the 8-bit dots)
@@ -7,19 +7,24 @@
 
 8-bit weights are FP8 (e4m3) or int8, both per output channel; W8A8 rows run only where the device has the
 native matmul (FP8: NVIDIA sm_89+, int8: TPU) and everywhere on CPU, so the accelerator command times bf16,
-both weight-only types and the native W8A8 (4 variants x 2 batch sizes).
+both weight-only types and the native W8A8 (4 variants x 2 batch sizes), then the KV cache: bf16 weights
+decoding with a bf16, fp8 and int8 cache filled to --cache-fill tokens (3 caches x 2 batch sizes).
 
 Speed (random weights, so only shapes matter): per variant and batch, prefill tokens/s for one prompt of
 --prompt tokens per row, decode tokens/s over --steps greedy steps after it (one jitted scan), the
 decode step's bytes read (all parameters + the whole KV cache, which every step attends over) as a
 fraction of the card's peak memory bandwidth, and, from the optimized HLO, the GEMMs XLA emitted:
 native FP8 (`__cublas$lt$matmul$f8`), cuBLAS, Triton and int8 -> int32. Ratios are to bf16 measured in the same run.
+Cache rows: decode tokens/s at --cache-fill filled slots (the decode kernel reads only those), the step's bytes
+(all parameters + the cache) against peak bandwidth, and the ratio to the bf16 cache.
 
 Quality (tiny random model, weights spread as the tests' so every layer matters): logits of bf16,
 FP8 and int8 weight-only and W8A8, and FP8 weight-only with an FP8 embedding too, against float32: top-1
 agreement and logits error on random prompts. With --real-model: perplexity on a fixed text and next-token
-agreement with bf16, for the same variants computing in bf16 as served, each 8-bit variant checked to be
-within +3% of bf16's perplexity; and the checkpoint bytes `checkpoint.save` writes for bf16, FP8 and int8.
+agreement with bf16, for the same variants computing in bf16 as served, and for bf16 weights reading the text
+through a bf16, fp8 and int8 KV cache (CACHE_CHUNK tokens per call, so every key a query sees but its own chunk's
+comes out of the cache); each 8-bit variant checked to be within +3% of bf16's perplexity; and the checkpoint bytes
+`checkpoint.save` writes for bf16, FP8 and int8 (int8 stores the embedding per vocab row too).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from flax import nnx
 
 import gemma_jax as gj
 from gemma_jax import fp8, quant
+from gemma_jax.kv_cache import EMPTY, LayerCache
 from gemma_jax.linear import Linear
 
 # Speed variants: (name, storage, mode); storage None = the bf16 model.
@@ -50,6 +56,10 @@ VARIANTS = (
     ("int8 w8a8", "int8", fp8.W8A8),
 )
 MAX_PPL_INCREASE = 0.03  # an 8-bit variant's perplexity may exceed bf16's by at most 3%
+CACHE_DTYPES = ("bfloat16", "fp8", "int8")  # KV caches timed and measured, all with bf16 weights
+# Tokens per call when the real-model text goes through a cache: global layers store a chunk before attending, so
+# all their keys come from the cache; sliding layers read a chunk's own keys unquantized, so keep chunks short.
+CACHE_CHUNK = 8
 
 # Peak HBM bandwidth (bytes/s) by device_kind substring; the first match wins, so specific names come first.
 PEAK_BANDWIDTH = (
@@ -187,6 +197,58 @@ def speed(args) -> None:
         del variant
     if on_cpu:
         print("(CPU: W8A8 ran emulated, XLA upcasts or loops over its 8-bit operands)")
+    print(f"\nKV cache: bf16 weights, decode at {args.cache_fill} filled slots, {args.steps} steps")
+    print(f"{'cache':<10}{'batch':>6}{'compile s':>10}{'decode tok/s':>14}{'x bf16':>8}{'step ms':>9}{'GB/step':>9}"
+          f"{'% peak BW':>10}")  # fmt: skip
+    base = {}
+    for r in bench_cache(model, config, args, bandwidth):
+        b = base.setdefault(r["batch"], r)  # the bf16 cache runs first
+        bw = "n/a" if r["bw"] is None else f"{100 * r['bw']:.0f}%"
+        print(
+            f"{r['cache']:<10}{r['batch']:>6}{r['compile_s']:>10.0f}{r['decode']:>14.1f}"
+            f"{r['decode'] / b['decode']:>7.2f}x{r['step_ms']:>9.2f}{r['step_gb']:>9.3f}{bw:>10}",
+            flush=True,
+        )
+
+
+def filled_cache(config: gj.GemmaConfig, batch: int, capacity: int, dtype: str, fill: int) -> gj.KVCache:
+    """A cache of `capacity` slots whose rows hold positions [0, fill) (a ring: the last of them), values zero:
+    a decode step's cost depends on how many slots it reads, not on what they hold; no prefill to wait for."""
+
+    def fill_layer(layer: LayerCache) -> LayerCache:
+        slot = jnp.arange(layer.size)
+        position = slot + layer.size * ((fill - 1 - slot) // layer.size)  # the last position < fill in this slot
+        positions = jnp.where(slot < fill, position, EMPTY).astype(jnp.int32)
+        return layer.replace(positions=jnp.broadcast_to(positions, layer.positions.shape))
+
+    cache = gj.KVCache.create(config, batch, capacity, dtype)
+    return jax.tree.map(fill_layer, cache, is_leaf=lambda x: isinstance(x, LayerCache))
+
+
+def bench_cache(model, config, args, bandwidth: float | None) -> Iterator[dict]:
+    """One row per (batch, cache dtype): greedy decode of `model` (bf16) over a cache filled to args.cache_fill."""
+    graphdef, state = nnx.split(model)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    _, decode = make_steps(graphdef)
+    for batch in args.batch:
+        for dtype in CACHE_DTYPES:
+            cache = filled_cache(config, batch, args.cache_fill + args.steps, dtype, args.cache_fill)
+            token = jnp.ones((batch,), jnp.int32)
+            position = jnp.full((batch,), args.cache_fill, jnp.int32)
+            t0 = time.perf_counter()
+            decode_c = decode.lower(state, token, position, cache, steps=args.steps).compile()
+            compile_s = time.perf_counter() - t0
+            step_s = timed(decode_c, (state, token, position, cache), args.repeats) / args.steps
+            step_bytes = param_bytes + cache.nbytes
+            yield dict(
+                cache=dtype,
+                batch=batch,
+                compile_s=compile_s,
+                decode=batch / step_s,
+                step_ms=step_s * 1e3,
+                step_gb=step_bytes / 1e9,
+                bw=None if bandwidth is None else step_bytes / step_s / bandwidth,
+            )
 
 
 def random_params(config: gj.GemmaConfig, seed: int) -> dict:
@@ -252,8 +314,9 @@ be empty. Nobody minded. The finding was the point."""
 
 
 def real_model(args) -> bool:
-    """Perplexity and next-token agreement on TEXT: float32, bf16, FP8 and int8 (as served: bf16 compute) vs bf16;
-    then checkpoint bytes. True if every 8-bit variant is within MAX_PPL_INCREASE of bf16's perplexity."""
+    """Perplexity and next-token agreement on TEXT: float32, bf16, FP8 and int8 (as served: bf16 compute), and bf16
+    weights through a bf16, fp8 and int8 KV cache, vs bf16; then checkpoint bytes. True if every 8-bit variant
+    (weights or cache) is within MAX_PPL_INCREASE of bf16's perplexity."""
     from gemma_jax import checkpoint, default_model
     from gemma_jax.tokenizer import Tokenizer
 
@@ -263,20 +326,29 @@ def real_model(args) -> bool:
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     # what convert_hf(dtype="fp8" / "int8") stores
     q = {storage: fp8.quantize_params(config, bf16, storage=storage) for storage in fp8.STORAGES}
-    variants = {
-        "float32": lambda: gj.from_params(config, params),
-        "bf16": lambda: gj.from_params(config, bf16, dtype=jnp.bfloat16),
-        "fp8 weight-only": lambda: fp8.from_params(config, q["fp8"]),
-        "fp8 w8a8": lambda: fp8.from_params(config, q["fp8"], mode=fp8.W8A8, emulate=True),
-        "int8 weight-only": lambda: fp8.from_params(config, q["int8"]),
-        "int8 w8a8": lambda: fp8.from_params(config, q["int8"], mode=fp8.W8A8, emulate=True),
-        "weight-only + fp8 embedding": lambda: fp8.from_params(config, fp8_embedding(q["fp8"])),
-    }
     forward = nnx.jit(lambda m, t: m(t)[0][0, :-1].astype(jnp.float32))  # [T-1, V]: predictions of tokens 1..T-1
+
+    def bf16_model():
+        return gj.from_params(config, bf16, dtype=jnp.bfloat16)
+
+    # name -> logits [T-1, V]; the 8-bit variants (weights or cache) are held to MAX_PPL_INCREASE
+    variants = {
+        "float32": lambda: forward(gj.from_params(config, params), tokens),
+        "bf16": lambda: forward(bf16_model(), tokens),
+        "fp8 weight-only": lambda: forward(fp8.from_params(config, q["fp8"]), tokens),
+        "fp8 w8a8": lambda: forward(fp8.from_params(config, q["fp8"], mode=fp8.W8A8, emulate=True), tokens),
+        "int8 weight-only": lambda: forward(fp8.from_params(config, q["int8"]), tokens),
+        "int8 w8a8": lambda: forward(fp8.from_params(config, q["int8"], mode=fp8.W8A8, emulate=True), tokens),
+        "weight-only + fp8 embedding": lambda: forward(fp8.from_params(config, fp8_embedding(q["fp8"])), tokens),
+        **{f"bf16 weights + {d} cache": functools.partial(through_cache, bf16_model, tokens, d) for d in CACHE_DTYPES},
+    }
+    eight_bit = {
+        name for name in variants if name.split()[0] in fp8.STORAGES or name.endswith(("fp8 cache", "int8 cache"))
+    }
     targets = np.asarray(tokens[0, 1:])
     top1, nll = {}, {}
-    for name, build in variants.items():
-        logits = np.asarray(forward(build(), tokens))
+    for name, logits_of in variants.items():
+        logits = np.asarray(logits_of())
         logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         top1[name], nll[name] = logits.argmax(-1), float(-np.take_along_axis(logp, targets[:, None], 1).mean())
     print(f"\nreal model: {path.name} ({config.model_type}), {targets.size} predicted tokens of a fixed text")
@@ -286,12 +358,29 @@ def real_model(args) -> bool:
         ppl, increase = np.exp(nll[name]), np.exp(nll[name] - nll["bf16"]) - 1
         same_bf16, same_f32 = np.mean(top1[name] == top1["bf16"]), np.mean(top1[name] == top1["float32"])
         flag = ""
-        if name.split()[0] in fp8.STORAGES:
+        if name in eight_bit:
             ok &= bool(increase <= MAX_PPL_INCREASE)
             flag = "  ok" if increase <= MAX_PPL_INCREASE else f"  over +{MAX_PPL_INCREASE:.0%}"
         print(f"{name:<30}{ppl:>11.3f}{increase:>+8.2%}{same_bf16:>19.4f}{same_f32:>11.4f}{flag}")
     checkpoint_bytes(config, bf16)
     return ok
+
+
+_CACHED_STEP = nnx.jit(lambda m, t, p, c: m(t, p, cache=c))
+
+
+def through_cache(build, tokens: jax.Array, cache_dtype: str) -> jax.Array:
+    """Logits [T-1, V] of `build()`'s model reading tokens [1, T] through a KV cache of `cache_dtype`, CACHE_CHUNK
+    tokens per call (as a chunked prefill, or decode steps): the perplexity of what the cache gives back."""
+    model, t = build(), tokens.shape[1]
+    cache = gj.KVCache.create(model.config, 1, t, cache_dtype)
+    positions = jnp.arange(t, dtype=jnp.int32)[None]
+    out = []
+    for start in range(0, t, CACHE_CHUNK):
+        cols = slice(start, start + CACHE_CHUNK)
+        logits, cache = _CACHED_STEP(model, tokens[:, cols], positions[:, cols], cache)
+        out.append(logits[0].astype(jnp.float32))
+    return jnp.concatenate(out)[:-1]
 
 
 def checkpoint_bytes(config: gj.GemmaConfig, bf16: dict) -> None:
@@ -311,7 +400,7 @@ def checkpoint_bytes(config: gj.GemmaConfig, bf16: dict) -> None:
         for dtype in ("bfloat16", *fp8.STORAGES):
             saved = checkpoint.save(pathlib.Path(tmp) / dtype, config, bf16, dtype=dtype)
             sizes[dtype] = on_disk(saved), projections(checkpoint.load(saved)[1])
-    print(f"\ncheckpoint bytes ({config.model_type}, embedding and norms stay bf16)")
+    print(f"\ncheckpoint bytes ({config.model_type}; norms stay bf16, and the embedding too except in int8)")
     print(f"{'storage':<12}{'params/ on disk':>17}{'x bf16':>8}{'projections':>13}{'x bf16':>8}")
     for dtype, (total, proj) in sizes.items():
         base_total, base_proj = sizes["bfloat16"]
@@ -333,6 +422,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per call")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-gbps", type=float, help="the card's memory bandwidth, if not in the table")
+    parser.add_argument("--cache-fill", type=int, default=8192, help="filled cache slots in the KV cache rows")
     parser.add_argument("--quality-preset", default="gemma2_tiny")
     parser.add_argument("--seeds", type=int, default=4, help="random models in the quality table")
     parser.add_argument("--quality-only", action="store_true", help="skip the speed table")

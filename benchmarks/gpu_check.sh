@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a lent GPU or TPU (under 8 minutes on one H100/H200), from the repository root, offline:
-# the Pallas decode kernel compiled and checked against the portable path, the model's decode through it,
-# then the 9B-shape benchmark (bf16 and FP8, batch 1 and 16, 128 and 8k tokens filled, 2k prefill MFU).
+# the Pallas decode kernel (over float, fp8 and int8 caches) compiled and checked against the portable path,
+# the model's decode through it, then the 9B-shape benchmark (bf16 and FP8, batch 1 and 16, 128 and 8k tokens
+# filled, 2k prefill MFU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -10,6 +10,10 @@ Weights are bfloat16; the optimizer state is the SPPO trainer's RMSProp, one flo
 sharded like the parameter (Adam keeps two: double that column; float32 master weights add twice the
 weights column). The KV cache holds BATCH sequences of CACHE_LENGTH tokens in bfloat16 (sliding layers keep
 a 4096-slot ring). Activations and gradients are not counted.
+
+A second table gives the 9B cache at 16k for each cache dtype (`Sampler(cache_dtype=...)`, `--cache-dtype`):
+per sequence, and per chip for 8 sequences on a v5e-8 under fsdp=8. The 8-bit caches (fp8, int8) store keys
+and values in one byte plus a float32 scale per (token, kv head) each.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ MESHES = {
 }
 MODELS = {"2b": gj.gemma2_2b, "9b": gj.gemma2_9b, "27b": gj.gemma2_27b}
 BATCH, CACHE_LENGTH = 8, 16384
+CACHE_DTYPES = ("float32", "bfloat16", "fp8", "int8")
+GB = 1e9
 WEIGHT_DTYPE = jnp.bfloat16
 OPTIMIZER_BYTES = 4  # RMSProp: one float32 per parameter
 
@@ -92,5 +98,40 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def cache_parts(dtype: str) -> tuple[int, int, int]:
+    """Bytes of the 9B cache for one sequence of CACHE_LENGTH: (keys + values, their scales, positions)."""
+    cache = jax.eval_shape(lambda: gj.KVCache.create(gj.gemma2_9b(), 1, CACHE_LENGTH, dtype))
+    layers = [*cache.groups, *cache.tail]
+
+    def size(*arrays) -> int:
+        return sum(x.size * x.dtype.itemsize for x in arrays if x is not None)
+
+    return (
+        sum(size(c.k, c.v) for c in layers),
+        sum(size(c.k_scale, c.v_scale) for c in layers),
+        sum(size(c.positions) for c in layers),
+    )
+
+
+def cache_table() -> str:
+    """The 9B KV cache at CACHE_LENGTH per cache dtype: GB per sequence by part, and GiB per v5e chip for BATCH rows."""
+    mesh = shd.abstract_mesh("fsdp=8", HARDWARE["v5e-8"][0])
+    parts = {dtype: cache_parts(dtype) for dtype in CACHE_DTYPES}
+    lines = [
+        f"| cache dtype | keys + values | scales | positions | 9b, 1 x 16k (GB) | x bf16 "
+        f"| {BATCH} x 16k per v5e-8 chip, `fsdp=8` (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for dtype, sizes in parts.items():
+        batch = jax.eval_shape(lambda d=dtype: gj.KVCache.create(gj.gemma2_9b(), BATCH, CACHE_LENGTH, d))
+        chip = bytes_per_device(batch, shd.cache_shardings(batch, mesh))
+        cells = " | ".join(f"{b / GB:.3f}" for b in (*sizes, sum(sizes)))
+        ratio = sum(sizes) / sum(parts["bfloat16"])
+        lines.append(f"| {dtype} | {cells} | {ratio:.3f} | {chip / GIB:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table())
+    print()
+    print(cache_table())

@@ -7,6 +7,10 @@ cache that holds 600 tokens reads two 512-slot blocks; the new tokens' own keys 
 source, so a prefill chunk never concatenates the cache. Masks come from positions (causal, window,
 EMPTY), which covers left padding, rings and rows of different lengths alike. This is the portable
 path (every backend); `attention.dot_attention` is the dense reference it is tested against.
+
+An 8-bit cache (kv_cache.py) is read as stored, one block at a time: the 8-bit keys are upcast inside the
+q.k product and their per-slot scales multiply the scores; the value scales multiply the probabilities
+before the p.v product (sum_s p_s (v_s c_s) = sum_s (p_s c_s) v_s). Nothing dequantizes the cache.
 """
 
 from __future__ import annotations
@@ -40,17 +44,22 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
     return mask
 
 
-def _update(carry, q, k, v, q_pos, k_pos, window, scale, cap):
-    """Fold one key block into the running softmax. q [B, K, G, T, H]; k [B, K, H, S]; v [B, K, S, H]; k_pos [B, S]."""
+def _update(carry, q, k, v, q_pos, k_pos, window, scale, cap, k_scale=None, v_scale=None):
+    """Fold one key block into the running softmax. q [B, K, G, T, H]; k [B, K, H, S]; v [B, K, S, H]; k_pos [B, S];
+    the scales [B, K, 1, S] of an 8-bit block (None otherwise)."""
     m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H] float32
-    s = jnp.einsum("BKGTH,BKHS->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-    s = softcap(s, cap)
+    if k_scale is not None:  # 8-bit values, exact in the compute dtype: upcast inside the products
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+    s = jnp.einsum("BKGTH,BKHS->BKGTS", q, k, preferred_element_type=jnp.float32)
+    s = softcap(s * (scale if k_scale is None else scale * k_scale[:, :, :, None]), cap)
     mask = attention_mask(q_pos, k_pos, window)[:, None, None]  # [B, 1, 1, T, S]
     s = jnp.where(mask, s, MASKED)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # a masked key adds nothing, even in an all-masked row
     correction = jnp.exp(m - m_new)
     l = l * correction + jnp.sum(p, axis=-1)
+    if v_scale is not None:
+        p = p * v_scale[:, :, :, None]
     pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l, acc * correction[..., None] + pv
 
@@ -81,8 +90,8 @@ def attend(
         jnp.zeros(q.shape, jnp.float32),
     )
 
-    def fold(carry, keys, values, k_pos):
-        return _update(carry, q, keys, values, q_pos, k_pos, window, scale, cap)
+    def fold(carry, keys, values, k_pos, k_scale=None, v_scale=None):
+        return _update(carry, q, keys, values, q_pos, k_pos, window, scale, cap, k_scale, v_scale)
 
     # The cache, block by block up to the filled bound. A last block that would run past the end is
     # read from size - block instead, and the slots it shares with the block before are masked.
@@ -91,9 +100,10 @@ def attend(
 
     def cache_step(i, carry):
         start = jnp.minimum(i * cache_block, size - cache_block)
-        keys, values, k_pos = kv_cache.read(cache, start, cache_block)
+        stored = kv_cache.read(cache, start, cache_block)
         fresh = start + jnp.arange(cache_block) >= i * cache_block  # [S]
-        return fold(carry, keys, values, jnp.where(fresh, k_pos, EMPTY))
+        k_pos = jnp.where(fresh, stored.positions, EMPTY)
+        return fold(carry, stored.k, stored.v, k_pos, stored.k_scale, stored.v_scale)
 
     num_blocks = -(-kv_cache.filled_bound(cache, q_pos) // cache_block)
     carry = jax.lax.fori_loop(0, num_blocks, cache_step, carry)

@@ -57,8 +57,8 @@ PARAMS_DIR = "params"
 METADATA_FILE = "gemma_jax.json"
 # Written last into an HF export, so `--overwrite` can tell a directory `export_hf` wrote from any other.
 EXPORT_FILE = "gemma_jax_export.json"
-# Storage dtypes `convert_hf` writes; "fp8" / "int8": projections as e4m3 / int8 + per-channel scales
-# (gemma_jax.fp8), the rest bf16.
+# Storage dtypes `convert_hf` writes; "fp8" / "int8": projections as e4m3 / int8 + per-channel scales, and with
+# int8 the embedding per vocab row (gemma_jax.fp8), the rest bf16.
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "fp8": jnp.bfloat16, "int8": jnp.bfloat16}
 _CHUNK_BYTES = 64 << 20
 PathLike = str | os.PathLike
@@ -174,7 +174,7 @@ def load(
     """(config, params) from a checkpoint; params in our nested layout, as jax arrays.
 
     `dtype` casts every float parameter while restoring (None keeps the stored dtype); in an FP8 or
-    int8 checkpoint the 8-bit kernels and their float32 scales keep theirs.
+    int8 checkpoint the 8-bit kernels (and int8 embedding) and their float32 scales keep theirs.
     `shardings` is a pytree of `jax.sharding.Sharding` matching params (e.g. from
     `gemma_jax.sharding.param_shardings`) or one Sharding for all; Orbax then reads into each
     device only its shard, with no full host copy. Without it params land on the default device.
@@ -187,7 +187,7 @@ def load(
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, stored)
     cast = None if dtype is None else jnp.dtype(dtype)
-    float_dtype = stored["embedder"]["embedding"].dtype  # that of every leaf but 8-bit kernels and scales
+    float_dtype = fp8.float_dtype(stored)  # that of every leaf but 8-bit tables and their scales
 
     def target(meta, sharding):
         leaf_dtype = cast if cast is not None and meta.dtype == float_dtype else meta.dtype
@@ -417,7 +417,8 @@ def _write_params(
 ) -> int:
     """Stream HF tensors into an Orbax PyTree, one of our parameters per partial save; returns bytes read.
 
-    `storage` ("fp8", "int8") stores each projection kernel as 8-bit + per-channel scales (`fp8.quantize_params`).
+    `storage` ("fp8", "int8") stores each projection kernel as 8-bit + per-channel scales, and with int8 the
+    embedding per vocab row (`fp8.quantize_params`).
     """
     leaves = _leaves(config)
     total = sum(tensors[p.hf_name].nbytes for ps in leaves.values() for p in ps)

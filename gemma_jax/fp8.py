@@ -1,9 +1,10 @@
 """8-bit models: every projection as FP8 (e4m3) or int8 with per-output-channel scales, run weight-only or W8A8.
 
 Quantized: the attention q, k, v, o and MLP gate, up, down projections (every `Linear`, ~90% of the
-weight bytes of a 9B). Kept in the float dtype: the embedding, which is also the tied logits matrix
-(benchmarks/fp8.py --quality-only measures quantizing it too: it adds ~50% to the logits error
-of FP8 projections on tiny random models), and the norms.
+weight bytes of a 9B), and with int8 storage the embedding too, per vocab row (it is also the tied logits
+matrix, and 63% of the bytes of Gemma 3 270M). FP8 keeps the embedding in the float dtype
+(benchmarks/fp8.py --quality-only measures quantizing it to e4m3: it adds ~50% to the logits error
+of FP8 projections on tiny random models; see `quant.Scheme.quantize_embedding`). Norms stay float.
 
 Storage (`storage`: "fp8" or "int8", both symmetric per output channel) is the same for both modes: each
 projection's {"kernel": w} becomes {"kernel": 8-bit [..., out, in], "scale": f32 [..., out]} (layout and
@@ -72,8 +73,9 @@ def _name(path: tuple) -> str:
     return ".".join(map(str, path))
 
 
-def _param_dtype(params: dict) -> jnp.dtype:
-    return jnp.dtype(params["embedder"]["embedding"].dtype)
+def float_dtype(params: dict) -> jnp.dtype:
+    """The dtype of what stays float in an 8-bit tree (norms; the embedding unless int8), read off the final norm."""
+    return jnp.dtype(params["final_norm"]["scale"].dtype)
 
 
 def quantize_model(
@@ -89,7 +91,7 @@ def quantize_model(
     params = transformer.params_of(model)
     storage = storage_of(params) or storage
     mode = resolve_mode(mode, emulate=emulate, storage=storage)
-    kw = dict(dtype=model.dtype, param_dtype=_param_dtype(params), mode=mode, emulate=True, storage=storage)
+    kw = dict(dtype=model.dtype, param_dtype=float_dtype(params), mode=mode, emulate=True, storage=storage)
     abstract = abstract_model(model.config, **kw)
     if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct):
         return abstract
@@ -129,7 +131,7 @@ def from_params(
     if storage is None:
         raise quant.QuantError("these params hold no 8-bit kernels: quantize them first (quantize_params)")
     model = abstract_model(
-        config, dtype=dtype, param_dtype=_param_dtype(params), mode=mode, emulate=emulate, storage=storage
+        config, dtype=dtype, param_dtype=float_dtype(params), mode=mode, emulate=emulate, storage=storage
     )
     return transformer.with_params(model, params)
 
@@ -159,17 +161,23 @@ def _map_projections(config: GemmaConfig, params: dict, fn) -> dict:
 def quantize_params(config: GemmaConfig, params: dict, *, storage: str = "fp8") -> dict:
     """Our nested float params -> the 8-bit tree: each projection {"kernel": 8-bit [..., out, in], "scale": f32}.
 
-    Everything else (embedding, norms) is left as given. The result loads with `from_params` and is
-    what an FP8 or int8 checkpoint stores.
+    int8 also stores the embedding per vocab row: {"embedding": int8 [V, D], "scale": f32 [V]}. Everything else
+    (norms, and the embedding for FP8) is left as given. The result loads with `from_params` and is what an FP8
+    or int8 checkpoint stores. A partial tree (one leaf streamed by the converter) maps too.
     """
-    dtype = quant.Scheme(storage).dtype
+    scheme = quant.Scheme(storage)
 
     def quantize(name: str, spec: str, node: dict) -> dict:
         w = node["kernel"]
-        q, scale = quant.quantize_kernel(w, _contracting_axes(spec, w.ndim), name=f"{name}.kernel", dtype=dtype)
+        q, scale = quant.quantize_kernel(w, _contracting_axes(spec, w.ndim), name=f"{name}.kernel", dtype=scheme.dtype)
         return {"kernel": q, "scale": scale}
 
-    return _map_projections(config, params, quantize)
+    out = _map_projections(config, params, quantize)
+    embedder = out.get("embedder", {})
+    if scheme.quantize_embedding and "embedding" in embedder and "scale" not in embedder:
+        q, scale = quant.quantize_kernel(embedder["embedding"], 1, name="embedder.embedding", dtype=scheme.dtype)
+        out["embedder"] = {"embedding": q, "scale": scale}  # [V, D] and [V]: rows already lead, nothing moves
+    return out
 
 
 def dequantize_params(config: GemmaConfig, params: dict, dtype: jnp.dtype = jnp.float32) -> dict:
@@ -179,7 +187,11 @@ def dequantize_params(config: GemmaConfig, params: dict, dtype: jnp.dtype = jnp.
         q = node["kernel"]
         return {"kernel": quant.dequantize_kernel(q, node["scale"], _contracting_axes(spec, q.ndim)).astype(dtype)}
 
-    return _map_projections(config, params, dequantize)
+    out = _map_projections(config, params, dequantize)
+    embedder = out.get("embedder", {})
+    if "scale" in embedder:  # an int8 embedding
+        out["embedder"] = {"embedding": quant.QArray(embedder["embedding"], embedder["scale"]).dequantize(dtype)}
+    return out
 
 
 def storage_of(params: dict) -> str | None:

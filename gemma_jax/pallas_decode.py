@@ -19,6 +19,10 @@ Two kernels, both also run in interpret mode (`interpret=True`) on any backend:
   block (a repeated block index issues no DMA), `pl.when` to skip their compute, and m / l / acc scratch
   in VMEM carried across the "arbitrary" key-block axis.
 
+An 8-bit cache (kv_cache.py) is read as stored: each block's 8-bit keys and values are upcast to q's dtype
+inside the kernel, the key scales [1, block] multiply that block's scores and the value scales its
+probabilities before p.v, as in blockwise.attend; the scale arrays are read block by block like the keys.
+
 `backend_kernel` picks the kernel for a `jax.default_backend()` name (None where there is none).
 """
 
@@ -42,13 +46,15 @@ GPU_BLOCK, GPU_SPLITS, GPU_MIN_ROWS = 64, 8, 16
 TPU_BLOCK = 512  # a multiple of 128 (the lane width), or the whole cache when it is smaller
 
 
-def _online_softmax(m, l, acc, s, mask, v):
-    """Fold one block's float32 scores s [G, S] (mask [G or 1, S]) and values v [S, H] into (m, l, acc)."""
+def _online_softmax(m, l, acc, s, mask, v, v_scale=None):
+    """Fold one block's float32 scores s [G, S] (mask [G or 1, S]) and values v [S, H] into (m, l, acc);
+    `v_scale` [1, S]: the values' scales (8-bit cache), applied to the probabilities."""
     s = jnp.where(mask, s, MASKED)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)  # a masked key adds nothing, even in an all-masked row
     correction = jnp.exp(m - m_new)
-    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    weights = p if v_scale is None else p * v_scale
+    pv = jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l * correction + jnp.sum(p, axis=-1, keepdims=True), acc * correction + pv
 
 
@@ -61,19 +67,20 @@ def _key_mask(k_pos, q_pos, window):
 
 
 def _split_heads(q: jax.Array, cache: LayerCache) -> jax.Array:
-    """q [B, N, H] -> [B, K, G, H] in the dtype both dots use (q's and the cache's, promoted)."""
+    """q [B, N, H] -> [B, K, G, H] in the dtype both dots use (q's and the cache's, promoted; q's for 8 bits)."""
     b, n, h = q.shape
     kv_heads = cache.k.shape[-3]
-    return q.reshape(b, kv_heads, n // kv_heads, h).astype(jnp.promote_types(q.dtype, cache.k.dtype))
+    dtype = q.dtype if cache.k_scale is not None else jnp.promote_types(q.dtype, cache.k.dtype)
+    return q.reshape(b, kv_heads, n // kv_heads, h).astype(dtype)
 
 
-def _gpu_kernel(*refs, size, block, splits, window, scale, cap, stacked):
-    if stacked:
-        layer_ref, q_pos_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_ref, l_ref = refs
-        lead = (layer_ref[()],)  # indexes the stacked refs in the same load (Triton takes one indexer)
-    else:
-        q_pos_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_ref, l_ref = refs
-        lead = ()
+def _gpu_kernel(*refs, size, block, splits, window, scale, cap, stacked, quantized):
+    refs = list(refs)
+    # indexes the stacked refs in the same load (Triton takes one indexer)
+    lead = (refs.pop(0)[()],) if stacked else ()
+    q_pos_ref, q_ref, k_ref, v_ref, pos_ref = refs[:5]
+    ks_ref, vs_ref = refs[5:7] if quantized else (None, None)
+    o_ref, m_ref, l_ref = refs[-3:]
     q_pos = q_pos_ref[()]
     q = q_ref[...]  # [Gp, H]
     split = pl.program_id(2)
@@ -92,8 +99,12 @@ def _gpu_kernel(*refs, size, block, splits, window, scale, cap, stacked):
         k_pos = plgpu.load(pos_ref.at[(*lead, cols)])  # [block]
         fresh = start + jnp.arange(block) >= i * block
         mask = (fresh & _key_mask(k_pos, q_pos, window))[None, :]
-        s = softcap(jnp.dot(q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale, cap)
-        return _online_softmax(*carry, s, mask, v)
+        s = jnp.dot(q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        if not quantized:
+            return _online_softmax(*carry, softcap(s * scale, cap), mask, v)
+        k_scale = plgpu.load(ks_ref.at[(*lead, slice(None), cols)])  # [1, block]
+        v_scale = plgpu.load(vs_ref.at[(*lead, slice(None), cols)])
+        return _online_softmax(*carry, softcap(s * (scale * k_scale), cap), mask, v.astype(q.dtype), v_scale)
 
     rows = q.shape[0]
     carry = (
@@ -141,8 +152,17 @@ def decode_gpu(
     stacked = cache.layer is not None
     lead = (cache.k.shape[0],) if stacked else ()
     zeros = (0,) * len(lead)
+    quantized = cache.k_scale is not None
     kernel = functools.partial(
-        _gpu_kernel, size=size, block=block, splits=splits, window=window, scale=scale, cap=cap, stacked=stacked
+        _gpu_kernel,
+        size=size,
+        block=block,
+        splits=splits,
+        window=window,
+        scale=scale,
+        cap=cap,
+        stacked=stacked,
+        quantized=quantized,
     )
     in_specs = [
         pl.BlockSpec((None,), lambda r, kh, s: (r,)),  # q_pos: a scalar
@@ -153,6 +173,9 @@ def decode_gpu(
         pl.BlockSpec((*lead, None, size), lambda r, kh, s: (*zeros, r, 0)),
     ]
     args = [q_pos.astype(jnp.int32), q4, cache.k, cache.v, cache.positions]
+    if quantized:  # the scales [(G,) B, K, 1, S] of this (row, kv head), like the keys
+        in_specs += [pl.BlockSpec((*lead, None, None, 1, size), lambda r, kh, s: (*zeros, r, kh, 0, 0))] * 2
+        args += [cache.k_scale, cache.v_scale]
     if stacked:
         in_specs.insert(0, pl.BlockSpec((), lambda r, kh, s: ()))
         args.insert(0, jnp.asarray(cache.layer, jnp.int32))
@@ -185,10 +208,10 @@ def decode_gpu(
     return out[:, :, :g].reshape(q.shape).astype(q.dtype)
 
 
-def _tpu_kernel(
-    q_pos_ref, layer_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_sc, l_sc, acc_sc, *, size, block, window, scale, cap
-):
+def _tpu_kernel(q_pos_ref, layer_ref, q_ref, k_ref, v_ref, pos_ref, *refs, size, block, window, scale, cap, quantized):
     del layer_ref  # used by the index maps only
+    ks_ref, vs_ref = refs[:2] if quantized else (None, None)  # the scales of an 8-bit cache
+    o_ref, m_sc, l_sc, acc_sc = refs[-4:]
     row, j = pl.program_id(0), pl.program_id(2)
     q_pos = q_pos_ref[row]
 
@@ -201,17 +224,24 @@ def _tpu_kernel(
     @pl.when(j * block < jnp.clip(q_pos + 1, 0, size))
     def _():
         q = q_ref[...]  # [G, H]
-        s = softcap(
-            jnp.dot(q, k_ref[...].astype(q.dtype), preferred_element_type=jnp.float32) * scale, cap
-        )  # [G, block]
+        s = jnp.dot(q, k_ref[...].astype(q.dtype), preferred_element_type=jnp.float32)  # [G, block]
         k_pos = pos_ref[pl.ds(row, 1), :]  # [1, block]
         slot = j * block + jax.lax.broadcasted_iota(jnp.int32, k_pos.shape, 1)
-        mask = (slot < size) & _key_mask(k_pos, q_pos, window)
+        inside = slot < size
+        mask = inside & _key_mask(k_pos, q_pos, window)
         v = v_ref[...]  # [block, H]
         if size % block:  # the last block runs past the cache: its padding may hold anything, NaN included
             slot_rows = j * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
             v = jnp.where(slot_rows < size, v, jnp.zeros_like(v))
-        m_sc[...], l_sc[...], acc_sc[...] = _online_softmax(m_sc[...], l_sc[...], acc_sc[...], s, mask, v)
+        v_scale = None
+        if quantized:  # 8-bit: [1, block] scales per key; padding's scale is zeroed like its values
+            s, v = s * (scale * ks_ref[...]), v.astype(q.dtype)
+            v_scale = jnp.where(inside, vs_ref[...], 0.0)
+        else:
+            s = s * scale
+        m_sc[...], l_sc[...], acc_sc[...] = _online_softmax(
+            m_sc[...], l_sc[...], acc_sc[...], softcap(s, cap), mask, v, v_scale
+        )
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _():
@@ -263,7 +293,18 @@ def decode_tpu(
         # Positions of every row (a [1, block] tile breaks TPU tiling); the kernel reads its own row.
         pl.BlockSpec((*squeeze, b, block), lambda r, kh, j, qp, ly: (*lead(ly), 0, key_block(r, j, qp))),
     ]
-    kernel = functools.partial(_tpu_kernel, size=size, block=block, window=window, scale=scale, cap=cap)
+    args = [q_pos.astype(jnp.int32), layer, q4, cache.k, cache.v, cache.positions]
+    quantized = cache.k_scale is not None
+    if quantized:  # scales [(G,) B, K, 1, S]: a lane-dense [1, block] tile per key block
+
+        def scale_block(r, kh, j, qp, ly):
+            return (*lead(ly), r, kh, 0, key_block(r, j, qp))
+
+        in_specs += [pl.BlockSpec((*squeeze, None, None, 1, block), scale_block)] * 2
+        args += [cache.k_scale, cache.v_scale]
+    kernel = functools.partial(
+        _tpu_kernel, size=size, block=block, window=window, scale=scale, cap=cap, quantized=quantized
+    )
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -281,7 +322,7 @@ def decode_tpu(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="gemma_decode_attention",
-    )(q_pos.astype(jnp.int32), layer, q4, cache.k, cache.v, cache.positions)
+    )(*args)
     return out.reshape(q.shape)
 
 

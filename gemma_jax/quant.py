@@ -3,7 +3,8 @@
 A `QArray` is 8-bit `values` (float8_e4m3fn or int8) plus a float32 `scale` over their leading axes:
 w ~= values * scale[..., None, ...], one scale per index of the leading axes (absmax over the trailing,
 reduced axes / the dtype's largest value). `w8a8` says how a projection uses it. The same layout holds
-a projection kernel ([O..., K...], scale [O...]) and, later, a KV cache ([B, S, K, H], scale [B, S, K]).
+a projection kernel ([O..., K...], scale [O...]), an int8 embedding table ([V, D], scale [V]), and the new keys
+and values an 8-bit KV cache stores ([B, T, K, H], scale [B, T, K]; kv_cache.py keeps the scales beside its slots).
 
 Kernels store their contracting axes last ("K-minor", the [out, in] order of HF's weights): the operand
 layout cuBLASLt's FP8 GEMM reads directly, so on Hopper XLA feeds the stored weight into
@@ -75,6 +76,12 @@ class QArray:
         """values * scale in `dtype`, same layout as `values`."""
         scale = self.scale[(..., *([None] * self.reduced_ndim))]
         return (self.values.astype(jnp.float32) * scale).astype(dtype)
+
+    def take(self, indices: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        """Rows `indices` of the leading axis, dequantized: [*indices.shape, ...]. Only the gathered rows are
+        read and converted (an embedding lookup), never the whole table."""
+        rows = QArray(jnp.take(self.values, indices, axis=0), jnp.take(self.scale, indices, axis=0))
+        return rows.dequantize(dtype)
 
 
 def quantize(x: jax.Array, reduced_ndim: int, dtype: jnp.dtype, *, w8a8: bool = False) -> QArray:
@@ -160,8 +167,9 @@ def dequantize_kernel(q: jax.Array, scale: jax.Array, contracting_axes: int | tu
     return jnp.transpose(w, tuple(sorted(range(q.ndim), key=[*keep, *axes].__getitem__)))
 
 
-def einsum(spec: str, x: jax.Array, w: jax.Array | QArray) -> jax.Array:
-    """einsum(spec, x, w) for a float kernel w, or a `QArray` kernel [O..., K...]; output in x's dtype.
+def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """einsum(spec, x, w) for a float kernel w, or a `QArray` kernel [O..., K...]; output in `out_dtype`
+    (default x's dtype: float32 logits of a bf16 model ask for more).
 
     Float: w is cast to x's dtype and the product accumulates in float32 (more exact in bfloat16, and XLA's
     CPU bf16 dot is fast only with an f32 result). Weight-only: the 8-bit values are upcast inside the matmul
@@ -173,12 +181,13 @@ def einsum(spec: str, x: jax.Array, w: jax.Array | QArray) -> jax.Array:
     per-token scales cannot be fused into those calls, so both multiply the [M, O] output.
     """
     dtype = x.dtype
+    out_dtype = out_dtype or dtype
     if not isinstance(w, QArray):
-        return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+        return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32).astype(out_dtype)
     b, k, o = split_spec(spec)
     if not w.w8a8:
         y = jnp.einsum(f"{b}{k},{o}{k}->{b}{o}", x, w.values.astype(dtype), preferred_element_type=jnp.float32)
-        return (y * w.scale).astype(dtype)
+        return (y * w.scale).astype(out_dtype)
     batch_shape, out_shape = x.shape[: len(b)], w.values.shape[: len(o)]
     contract = math.prod(x.shape[len(b) :])
     xq = quantize(x.reshape(-1, contract), 1, w.values.dtype)  # per token: [M, K], scale [M]
@@ -187,7 +196,7 @@ def einsum(spec: str, x: jax.Array, w: jax.Array | QArray) -> jax.Array:
         xq.values, w.values.reshape(-1, contract), (((1,), (1,)), ((), ())), preferred_element_type=accumulate
     )  # [M, O]
     y = y.astype(jnp.float32) * xq.scale[:, None] * w.scale.reshape(1, -1)
-    return y.astype(dtype).reshape(*batch_shape, *out_shape)
+    return y.astype(out_dtype).reshape(*batch_shape, *out_shape)
 
 
 def native_fp8_dot(device: jax.Device | None = None) -> bool:
@@ -229,6 +238,18 @@ class Scheme:
     @property
     def dtype(self) -> jnp.dtype:
         return jnp.dtype(STORAGE[self.storage])
+
+    @property
+    def quantize_embedding(self) -> bool:
+        """int8 stores the embedding (also the tied logits matrix) per vocab row too; FP8 keeps it float.
+
+        An int8 row is a uniform grid of 255 steps over the row's range (error <= absmax/254 per element),
+        e4m3 has 3 mantissa bits (up to 1/16 relative): quantizing the embedding to e4m3 added ~50% to the
+        logits error of FP8 projections (benchmarks/fp8.py, "weight-only + fp8 embedding"), while int8 takes
+        the whole Gemma 3 270M checkpoint from 0.814x to 0.503x the bf16 bytes with perplexity 37.18 against
+        bf16's 37.67 (benchmarks/fp8.py --real-model default).
+        """
+        return self.storage == "int8"
 
 
 _SCHEME: contextvars.ContextVar[Scheme | None] = contextvars.ContextVar("gemma_jax_quant_scheme", default=None)

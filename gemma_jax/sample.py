@@ -18,6 +18,7 @@ from collections.abc import Callable
 from gemma_jax import checkpoint, cli, fp8, sampling, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.config import ConfigError
+from gemma_jax.kv_cache import CACHE_DTYPES
 from gemma_jax.sampler import Sampler
 from gemma_jax.tokenizer import Tokenizer
 
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "NVIDIA sm_89+, int8 ones on TPU; elsewhere it falls back to weight_only with a warning)",
     )
     p.add_argument(
+        "--cache-dtype",
+        choices=list(CACHE_DTYPES),
+        help="KV cache storage (default: the compute dtype; float32 on CPU); fp8 / int8: 8-bit keys and values with a "
+        "float32 scale per token and kv head, half a bf16 cache",
+    )
+    p.add_argument(
         "--cache-dir",
         default=None,
         help="where converted checkpoints are kept (default: $GEMMA_JAX_CACHE, else ~/.cache/gemma_jax)",
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None, *, input_fn: Callable[[str], str] = inpu
             path, dtype=checkpoint.DTYPES[args.dtype], mesh=mesh, quant=args.quant, storage=storage
         )
         tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat or None)  # --chat: no base-model warning
-        sampler = Sampler(model, tokenizer, cache_length=args.cache_length, mesh=mesh)
+        sampler = Sampler(model, tokenizer, cache_length=args.cache_length, cache_dtype=args.cache_dtype, mesh=mesh)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     chat = args.chat if args.chat is not None else tokenizer.instruction_tuned

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from gemma_jax import sharding
+from gemma_jax import kv_cache, sharding
 from gemma_jax.kv_cache import EMPTY, KVCache
 from gemma_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams, penalize, sample, token_logprobs
 from gemma_jax.tokenizer import Tokenizer
@@ -203,7 +203,8 @@ def _decode(graphdef, state, cache: KVCache, dstate: DecodeState, stop_ids, num_
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def insert(cache: KVCache, dstate: DecodeState, row_cache: KVCache, row_state: DecodeState, row):
-    """Put a one-row request (its prefilled cache and started state) into row `row` of a running batch."""
+    """Put a one-row request (its prefilled cache and started state) into row `row` of a running batch
+    (every cache array, an 8-bit cache's scales included)."""
 
     def put(axis):
         return lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), row, axis)
@@ -261,10 +262,8 @@ class Sampler:
                 f"tokenizer has {tokenizer.vocab_size} pieces but the model only {model.config.vocab_size}: "
                 "is this the checkpoint's tokenizer?"
             )
-        try:
-            self.cache_dtype = jnp.dtype(cache_dtype or default_cache_dtype(model.dtype, jax.default_backend()))
-        except TypeError as e:
-            raise ValueError(f"unknown cache dtype {cache_dtype!r}; use e.g. 'bfloat16' or 'float32'") from e
+        # "fp8" / "int8": 8 bits per key and value with per-token-per-head scales (kv_cache.py); unknown: ValueError
+        self.cache_dtype = kv_cache.cache_dtype(cache_dtype or default_cache_dtype(model.dtype, jax.default_backend()))
         self.config = model.config
         self.tokenizer = tokenizer
         self.cache_length = cache_length

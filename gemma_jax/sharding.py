@@ -223,16 +223,22 @@ def cache_shardings(cache: KVCache, mesh: Mesh | AbstractMesh) -> KVCache:
 
     def layer(c: LayerCache) -> LayerCache:
         lead = ("layers",) * (c.positions.ndim - 2)  # stacked groups carry a leading [G]
+
+        def scale(x: jax.Array | None) -> NamedSharding | None:  # an 8-bit cache's, split like its keys
+            return None if x is None else logical_sharding((*lead, *kv_cache.SCALE_AXES), mesh, x.shape)
+
         return LayerCache(
             k=logical_sharding((*lead, *kv_cache.K_AXES), mesh, c.k.shape),
             v=logical_sharding((*lead, *kv_cache.V_AXES), mesh, c.v.shape),
             positions=logical_sharding((*lead, *kv_cache.POSITION_AXES), mesh, c.positions.shape),
+            k_scale=scale(c.k_scale),
+            v_scale=scale(c.v_scale),
         )
 
     return jax.tree.map(layer, cache, is_leaf=lambda x: isinstance(x, LayerCache))
 
 
-def init_cache(config: GemmaConfig, batch: int, cache_length: int, dtype: jnp.dtype, mesh: Mesh) -> KVCache:
+def init_cache(config: GemmaConfig, batch: int, cache_length: int, dtype: str | jnp.dtype, mesh: Mesh) -> KVCache:
     """An empty KVCache created directly in its shardings."""
 
     def create() -> KVCache:

@@ -4,6 +4,7 @@ and W8A8 with int8 x int8 -> int32 dots), int8 checkpoints and `--dtype int8`; a
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import warnings
@@ -187,6 +188,48 @@ def test_int8_checkpoint_round_trips_serves_and_halves_projection_bytes(converte
     assert not (tmp_path / "bad").exists()
     with pytest.raises(CheckpointError, match="is an INT8 checkpoint; export the bf16"):
         ck.export_hf(paths["int8"], tmp_path / "exported")
+
+
+def tree_bytes(stored: dict) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(stored))
+
+
+def test_int8_checkpoint_is_at_most_0_55x_bf16_with_the_embedding_per_row(converted, params):
+    """The whole int8 checkpoint, embedding included (int8 [V, D] + a float32 scale per vocab row), is <= 0.55x
+    the bf16 one (0.531x here; 0.638x with a bf16 embedding). FP8 keeps its float embedding."""
+    _, paths = converted
+    stored = {d: ck._stored_tree(paths[d]) for d in ("int8", "bfloat16")}
+    embedder = stored["int8"]["embedder"]
+    assert (embedder["embedding"].dtype, embedder["embedding"].shape) == (
+        np.int8,
+        (CONFIG.vocab_size, CONFIG.hidden_size),
+    )
+    assert (embedder["scale"].dtype, embedder["scale"].shape) == (np.float32, (CONFIG.vocab_size,))
+    ratio = tree_bytes(stored["int8"]) / tree_bytes(stored["bfloat16"])
+    assert ratio <= 0.55, ratio
+    fp8_tree = fp8.quantize_params(CONFIG, params, storage="fp8")
+    assert list(fp8_tree["embedder"]) == ["embedding"] and fp8_tree["embedder"]["embedding"].dtype == np.float32
+    dequantized = fp8.dequantize_params(CONFIG, fp8.quantize_params(CONFIG, params, storage="int8"))["embedder"]
+    step = np.abs(params["embedder"]["embedding"]).max(1, keepdims=True) / 127  # per row
+    assert np.all(np.abs(dequantized["embedding"] - params["embedder"]["embedding"]) <= step * (0.5 + 1e-6))
+
+
+def test_int8_embedding_lookup_gathers_rows_and_logits_use_the_int8_table(int8_params):
+    """encode dequantizes only the gathered rows (no [V, D] float table in its program); decode's logits are
+    h . values^T times each row's scale, which equals h . (dequantized table)^T."""
+    model = fp8.from_params(CONFIG, int8_params, dtype=jnp.float32)
+    embedder = model.embedder
+    table = quant.QArray(int8_params["embedder"]["embedding"], int8_params["embedder"]["scale"]).dequantize()
+    tokens = jnp.asarray([[3, 500, 7], [0, 1, 511]], jnp.int32)
+    np.testing.assert_allclose(embedder.encode(tokens), table[tokens] * CONFIG.hidden_size**0.5, rtol=1e-6)
+    jaxpr = str(jax.make_jaxpr(embedder.encode)(tokens))
+    assert f"f32[{CONFIG.vocab_size},{CONFIG.hidden_size}]" not in jaxpr and "i8[2,3,64]" in jaxpr, jaxpr
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, CONFIG.hidden_size)), jnp.float32)
+    logits = embedder.decode(h)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, jnp.einsum("BTD,VD->BTV", h, table), rtol=1e-5, atol=1e-5)
+    bf16 = fp8.from_params(CONFIG, int8_params, dtype=jnp.bfloat16).embedder.decode(h.astype(jnp.bfloat16))
+    assert bf16.dtype == jnp.float32  # float32 logits from a bf16 model, as with a float table
 
 
 def test_sample_cli_int8(converted, tmp_path, monkeypatch, capsys):

@@ -147,6 +147,27 @@ def test_sampler_greedy_tokens_match_one_device(reference, tiny_tokenizer):
     assert sum(map(len, got)) > len(got)
 
 
+def test_8bit_cache_is_sharded_like_its_keys(reference, tiny_tokenizer):
+    """An int8 cache's scales [G, B, K, 1, S] split as its keys over batch and kv heads (SCALE_AXES); the sharded
+    Sampler decodes through it to the one-device int8 tokens."""
+    model, tokens, mask, _, _ = reference
+    prompts = [row[keep].tolist() for row, keep in zip(tokens, mask, strict=True)]
+    one = Sampler(model, tiny_tokenizer, cache_length=CACHE_LENGTH, decode_steps=4, cache_dtype="int8")
+    want = [c.token_ids for c in one.generate(prompts, max_new_tokens=DECODE_STEPS)]
+    mesh = shd.make_mesh("fsdp=2,tensor=4")
+    sharded = Sampler(
+        shd.shard_model(model, mesh), tiny_tokenizer, cache_length=CACHE_LENGTH, decode_steps=4, cache_dtype="int8",
+        mesh=mesh,
+    )  # fmt: skip
+    cache = sharded.new_cache(len(prompts))
+    for layer in cache.groups:
+        g, b, k, h, s = layer.k.addressable_shards[0].data.shape
+        assert (g, b, k, h, s) == (2, 4, 2, 16, layer.positions.shape[-1])  # batch 8 / fsdp=2, kv heads 8 / tensor=4
+        for scale in (layer.k_scale, layer.v_scale):
+            assert scale.dtype == jnp.float32 and scale.addressable_shards[0].data.shape == (g, b, k, 1, s)
+    assert [c.token_ids for c in sharded.generate(prompts, max_new_tokens=DECODE_STEPS)] == want
+
+
 def test_kv_heads_that_do_not_divide_tensor_are_replicated():
     """GQA with 2 kv heads under tensor=4: k/v and their cache replicate over tensor; q stays split; a batch
     of 3 (not divisible by fsdp=2) is replicated. Logits still match one device."""
@@ -348,7 +369,8 @@ def test_memory_table_script_matches_docs():
     """benchmarks/memory_table.py runs (shapes only) and docs/sharding.md holds its current output."""
     script = runpy.run_path(str(REPO / "benchmarks" / "memory_table.py"))
     table = script["table"]()
-    assert table in (REPO / "docs" / "sharding.md").read_text(), "rerun benchmarks/memory_table.py into the docs"
+    docs = (REPO / "docs" / "sharding.md").read_text()
+    assert table in docs and script["cache_table"]() in docs, "rerun benchmarks/memory_table.py into the docs"
     readme_rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| 9b |")]
     assert readme_rows and all(line in table.splitlines() for line in readme_rows)
     row = script["row"]("9b", "v5e-8", "fsdp=8")  # fsdp=8 splits every parameter and the batch of 8 eight ways
@@ -356,3 +378,6 @@ def test_memory_table_script_matches_docs():
     assert row.weights * 8 == 2 * sum(x.size for x in jax.tree.leaves(params))
     slots = 8 * 21 * (16384 + 4096)  # 8 rows x 21 x (global + sliding ring) slots
     assert row.cache * 8 == slots * (2 * 8 * 256 * 2 + 4)  # k and v: 8 kv heads x 256 bf16; positions int32
+    per_sequence = slots // 8
+    for dtype in ("fp8", "int8"):  # keys and values of 8 kv heads x 256 in one byte, a float32 scale per head each
+        assert script["cache_parts"](dtype) == (per_sequence * 2 * 8 * 256, per_sequence * 2 * 8 * 4, per_sequence * 4)

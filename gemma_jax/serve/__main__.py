@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from gemma_jax import checkpoint, cli, default_model, fp8, sharding
 from gemma_jax.checkpoint_errors import CheckpointError
 from gemma_jax.config import ConfigError
+from gemma_jax.kv_cache import CACHE_DTYPES
 from gemma_jax.sampler import Sampler
 from gemma_jax.serve import policy, server
 from gemma_jax.serve.app import create_app
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=fp8.MODES,
         default=fp8.WEIGHT_ONLY,
         help="8-bit compute mode with --dtype fp8 or int8 (see fp8.py)",
+    )
+    p.add_argument(
+        "--cache-dtype",
+        choices=list(CACHE_DTYPES),
+        help="KV cache storage (default: the compute dtype; float32 on CPU); fp8 / int8: 8-bit keys and values with a "
+        "float32 scale per token and kv head, half a bf16 cache: twice the slots or context in the same memory",
     )
     p.add_argument("--max-queue", type=_non_negative, default=128, help="requests that may wait for a slot; then 429")
     p.add_argument(
@@ -130,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             storage=storage if quantized else None,
         )
         tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat)
-        sampler = Sampler(model, tokenizer, cache_length=args.cache_length, prefill_chunk=args.prefill_chunk, mesh=mesh)
+        cache = dict(cache_length=args.cache_length, prefill_chunk=args.prefill_chunk, cache_dtype=args.cache_dtype)
+        sampler = Sampler(model, tokenizer, mesh=mesh, **cache)
         engine = Engine(sampler, slots=args.slots, decode_steps=args.decode_steps, max_queue=args.max_queue)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
