@@ -149,7 +149,9 @@ def test_insert_copies_the_scales(model, tiny_tokenizer):
     row_state = sampler.start(logits, prompt, 4, sampler_lib.SamplingParams.create(1), seed=0)
     batch = sampler.new_cache(3)
     before = jax.tree.map(np.asarray, batch)
-    cache, _ = sampler_lib.insert(batch, sampler_lib.DecodeState.empty(3), row_cache, row_state, 1)
+    cache, _ = sampler_lib.insert(
+        batch, sampler_lib.DecodeState.empty(3, model.config.vocab_size), row_cache, row_state, 1
+    )
     for name in ("k", "v", "positions", "k_scale", "v_scale"):
         for got, row, old in zip(cache.groups, row_cache.groups, before.groups, strict=True):
             np.testing.assert_array_equal(getattr(got, name)[:, 1], getattr(row, name)[:, 0])  # [G, B, ...]
