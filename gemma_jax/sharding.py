@@ -233,12 +233,19 @@ def cache_shardings(cache: KVCache, mesh: Mesh | AbstractMesh) -> KVCache:
 
 
 def init_cache(config: GemmaConfig, batch: int, cache_length: int, dtype: jnp.dtype, mesh: Mesh) -> KVCache:
-    """An empty KVCache created directly in its shardings."""
+    """An empty KVCache created directly in its shardings (one compile per shape: a server creates one per
+    admission)."""
+    return _cache_initializer(config, batch, cache_length, jnp.dtype(dtype), mesh)()
+
+
+@functools.cache
+def _cache_initializer(config: GemmaConfig, batch: int, cache_length: int, dtype: jnp.dtype, mesh: Mesh) -> Callable:
+    """The jitted creator of one cache shape, kept: a new closure per call would be a new jit, traced again."""
 
     def create() -> KVCache:
         return KVCache.create(config, batch, cache_length, dtype)
 
-    return jax.jit(create, out_shardings=cache_shardings(jax.eval_shape(create), mesh))()
+    return jax.jit(create, out_shardings=cache_shardings(jax.eval_shape(create), mesh))
 
 
 # ---------------------------------------------------------------------------------------------- forward
