@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx, struct
 
 from gemma_jax import sharding
-from gemma_jax.kv_cache import EMPTY, KVCache
+from gemma_jax.kv_cache import EMPTY, KVCache, LayerCache
 from gemma_jax.sampling import SamplingParams, sample
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.transformer import Transformer
@@ -145,18 +145,38 @@ def _decode(graphdef, state, cache: KVCache, dstate: DecodeState, stop_ids, num_
     return cache, dstate, out
 
 
+@jax.jit
+def row_keys(seeds: jax.Array) -> jax.Array:
+    """One PRNG key per row from its own seed [n] uint32: the key a batch of one from that seed gets in `start`."""
+    return jax.vmap(lambda s: jax.random.split(jax.random.key(s), 1)[0])(seeds)
+
+
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def insert(cache: KVCache, dstate: DecodeState, row_cache: KVCache, row_state: DecodeState, row):
-    """Put a one-row request (its prefilled cache and started state) into row `row` of a running batch."""
+def insert(cache: KVCache, dstate: DecodeState, new_cache: KVCache, new_state: DecodeState, rows):
+    """Put started requests (their prefilled caches [n, ...] and states) into rows `rows` [n] of a running batch.
 
-    def put(axis):
-        return lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), row, axis)
+    `new_cache` may be shorter than `cache` (a prompt-sized scratch cache, see `Sampler.new_cache`): k and v
+    are written in the slots it has only, and the rest of each row's positions are set EMPTY, so nothing of the
+    row's previous request stays visible. A row index out of range (>= B) drops that row (batch padding).
+    `rows` may be a scalar for one request.
+    """
+    rows = jnp.atleast_1d(rows)
 
-    cache = KVCache(
-        groups=jax.tree.map(put(1), cache.groups, row_cache.groups),  # stacked: [G, B, ...]
-        tail=jax.tree.map(put(0), cache.tail, row_cache.tail),
-    )
-    return cache, jax.tree.map(put(0), dstate, row_state)
+    def layer(big: LayerCache, new: LayerCache) -> LayerCache:
+        lead = (slice(None),) * (big.positions.ndim - 2)  # stacked groups: [G, B, ...]
+        at, filled = (*lead, rows), slice(0, new.size)
+        empty = jnp.full((*new.positions.shape[:-1], big.size - new.size), EMPTY, jnp.int32)
+        return LayerCache(
+            k=big.k.at[(*at, Ellipsis, filled)].set(new.k.astype(big.k.dtype), mode="drop"),  # [.., B, K, H, S]
+            v=big.v.at[(*at, slice(None), filled)].set(new.v.astype(big.v.dtype), mode="drop"),  # [.., B, K, S, H]
+            positions=big.positions.at[at].set(jnp.concatenate([new.positions, empty], -1), mode="drop"),
+        )
+
+    def put(x, r):
+        return x.at[rows].set(r if r.dtype == x.dtype else r.astype(x.dtype), mode="drop")
+
+    cache = jax.tree.map(layer, cache, new_cache, is_leaf=lambda x: isinstance(x, LayerCache))
+    return cache, jax.tree.map(put, dstate, new_state)
 
 
 def default_cache_dtype(compute_dtype: jnp.dtype, backend: str) -> jnp.dtype:
@@ -221,10 +241,13 @@ class Sampler:
 
     # -- the pieces a server composes -------------------------------------------------------
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int, length: int | None = None) -> KVCache:
+        """An empty cache of `cache_length` slots per row, or of `length` (at most that): a prompt-sized scratch
+        cache to prefill requests into before `insert` copies the slots they use into a running batch."""
+        length = self.cache_length if length is None else min(length, self.cache_length)
         if self.mesh is None:
-            return KVCache.create(self.config, batch, self.cache_length, self.cache_dtype)
-        return sharding.init_cache(self.config, batch, self.cache_length, self.cache_dtype, self.mesh)
+            return KVCache.create(self.config, batch, length, self.cache_dtype)
+        return sharding.init_cache(self.config, batch, length, self.cache_dtype, self.mesh)
 
     def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, KVCache]:
         """Write token-id prompts (one per cache row) into `cache`; return each row's next-token logits [B, V].
@@ -251,22 +274,30 @@ class Sampler:
         self,
         logits: jax.Array,
         prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         params: SamplingParams,
-        seed: int,
+        seed: int | Sequence[int],
     ) -> DecodeState:
-        """Decode rows for prefilled `prompts`: the first token sampled, one PRNG key per row from `seed`."""
+        """Decode rows for prefilled `prompts`: the first token sampled. Budgets are one for all rows or one per
+        row; `seed` gives one PRNG key per row from one seed, or each row its own (as alone with that seed)."""
         batch = len(prompts)
-        keys = jax.random.split(jax.random.key(seed), batch)
-        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        if isinstance(seed, int):
+            keys = jax.random.split(jax.random.key(seed), batch)
+        else:  # keys take a seed's low 32 bits, as jax.random.key does for a larger int
+            keys = row_keys(np.asarray([s & 0xFFFFFFFF for s in seed], np.uint32))
+        lengths = np.asarray([len(p) for p in prompts], np.int32)
+        budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,))
         with sharding.on_mesh(self.mesh):
-            return start(logits, lengths, jnp.full((batch,), max_new_tokens, jnp.int32), params, keys, self._stop_ids)
+            return start(logits, lengths, budgets, params, keys, self._stop_ids)
 
-    def decode(self, cache: KVCache, dstate: DecodeState, num_steps: int) -> tuple[KVCache, DecodeState, np.ndarray]:
-        """Run up to `num_steps` steps (static: one compile per value); tokens [B, num_steps], NO_TOKEN = none."""
+    def decode(self, cache: KVCache, dstate: DecodeState, num_steps: int) -> tuple[KVCache, DecodeState, jax.Array]:
+        """Run up to `num_steps` steps (static: one compile per value); tokens [B, num_steps], NO_TOKEN = none.
+
+        Returns as soon as the call is dispatched; the tokens stay on the device until read (`np.asarray`
+        waits), so a server can dispatch the next call first and the device never waits on the host.
+        """
         with sharding.on_mesh(self.mesh):
-            cache, dstate, out = _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
-        return cache, dstate, np.asarray(out)
+            return _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
 
     # -- whole requests ---------------------------------------------------------------------
 
@@ -320,7 +351,7 @@ class Sampler:
         yield np.asarray(dstate.tokens)[:, None]
         while not bool(jnp.all(dstate.done)):
             cache, dstate, out = self.decode(cache, dstate, steps)
-            yield out
+            yield np.asarray(out)
 
     def _encode(self, prompts: Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
         if isinstance(prompts, str) or not len(prompts):
