@@ -2,13 +2,18 @@
 
 One asyncio task (the scheduler) owns the bookkeeping and runs every JAX call on a single worker
 thread, so the event loop keeps serving HTTP while the device works. Each iteration it
-  1. admits waiting requests into free rows: `Sampler.prefill` into a one-row cache, `start`
-     (the first token), `insert` into the batch;
-  2. runs `decode_steps` steps for all rows at once (`Sampler.decode`), first marking done the rows
-     whose request ended on the host (cancelled, or a stop string matched);
-  3. hands each request its new tokens as text, and frees the rows that finished.
-Sampling settings, seeds and token budgets are per-row arrays of the decode state, so requests
-with any settings share one compiled program; only a new prompt-length bucket compiles.
+  1. releases the rows whose request ended on the host (finished, cancelled, a stop string matched);
+  2. admits waiting requests into free rows, all at once: grouped by prompt bucket, each group is
+     prefilled in one call at a bucketed batch size into a prompt-sized scratch cache, its first tokens
+     sampled (`Sampler.start`), and `insert`ed into the running batch in one call that writes only the
+     slots it uses;
+  3. dispatches the next `decode_steps` decode steps for all rows (`Sampler.decode`), and only then
+     reads the tokens of the call before it and the new requests' first tokens, and hands them out as
+     text. The device always has the next call queued while the host works (a row whose request ended
+     on the host is released one call late).
+Sampling settings, seeds and token budgets are per-row arrays, so requests with any settings share the
+compiled programs, and `warmup` compiles every (prompt bucket, admission batch) program before the
+server opens: nothing compiles while serving (`gemma_jax_compiles_total` on /metrics stays flat).
 """
 
 from __future__ import annotations
@@ -17,18 +22,23 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import secrets
 import time
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from prometheus_client import CollectorRegistry
+from tqdm.auto import tqdm
 
+from gemma_jax import sharding
 from gemma_jax.kv_cache import KVCache
-from gemma_jax.sampler import NO_TOKEN, DecodeState, Sampler, insert
+from gemma_jax.sampler import NO_TOKEN, DecodeState, Sampler, bucket, insert
 from gemma_jax.sampling import SamplingParams, check
-from gemma_jax.serve.metrics import Metrics
+from gemma_jax.serve.metrics import Metrics, compiles
 from gemma_jax.tokenizer import StreamDecoder
 
 logger = logging.getLogger(__name__)
@@ -169,11 +179,36 @@ class Handle:
         self._queue.put_nowait((job.index, item))
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _release(dstate: DecodeState, release: jax.Array) -> tuple[DecodeState, jax.Array]:
+    """Mark `release` rows done; also return `done` as it was (the last decode call's, read later: the state
+    itself is donated to the next call)."""
+    return dstate.replace(done=dstate.done | release), jnp.copy(dstate.done)
+
+
+def batch_buckets(slots: int) -> list[int]:
+    """Admission batch sizes: powers of two below `slots`, then `slots` (a batch is padded up to one)."""
+    return [1 << i for i in range((slots - 1).bit_length()) if 1 << i < slots] + [slots]
+
+
+@dataclasses.dataclass
+class _Admission:
+    """Jobs prefilled together (one prompt bucket), their rows reserved; the worker fills in the outcome."""
+
+    jobs: list[_Job]
+    first: np.ndarray | None = None  # [n] first tokens, once read
+    done: np.ndarray | None = None  # [n] whether the row is already done
+    error: Exception | None = None
+
+
 class Engine:
     """Serves completions from `slots` decode rows; `submit` from the event loop that runs `start()`.
 
     At most `slots + max_queue` completions are in flight; more raise `QueueFull`. `decode_steps`
     decode steps run per call: fewer make joins and streaming smoother, more cut per-call overhead.
+    Prompts may have up to `max_prompt_tokens` tokens (default: the context less one); one admission call
+    prefills at most `admission_tokens` padded prompt tokens (more wait for the next call), which bounds
+    the scratch caches' memory and the number of programs `warmup` compiles.
     """
 
     def __init__(
@@ -183,13 +218,31 @@ class Engine:
         slots: int = 16,
         decode_steps: int = 4,
         max_queue: int = 128,
+        max_prompt_tokens: int | None = None,
+        admission_tokens: int = 16384,
         registry: CollectorRegistry | None = None,
     ):
-        for name, value, low in (("slots", slots, 1), ("decode_steps", decode_steps, 1), ("max_queue", max_queue, 0)):
+        max_prompt_tokens = sampler.cache_length - 1 if max_prompt_tokens is None else max_prompt_tokens
+        for name, value, low in (
+            ("slots", slots, 1),
+            ("decode_steps", decode_steps, 1),
+            ("max_queue", max_queue, 0),
+            ("max_prompt_tokens", max_prompt_tokens, 1),
+            ("admission_tokens", admission_tokens, 1),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if max_prompt_tokens >= sampler.cache_length:
+            raise ValueError(
+                f"max_prompt_tokens ({max_prompt_tokens}) must be below the context length ({sampler.cache_length}): "
+                "a completion needs at least one slot"
+            )
         self.sampler = sampler
         self.slots, self.decode_steps, self.max_queue = slots, decode_steps, max_queue
+        self.max_prompt_tokens, self.admission_tokens = max_prompt_tokens, admission_tokens
+        self.batch_buckets = batch_buckets(slots)
+        chunk = sampler.prefill_chunk
+        self.prompt_buckets = sorted({bucket(n, chunk) for n in range(1, max_prompt_tokens + 1)})
         self.metrics = Metrics(slots, registry)
         self._cache = sampler.new_cache(slots)  # over the sampler's mesh, if any, in its shardings
         self._dstate = DecodeState.empty(slots)
@@ -198,6 +251,9 @@ class Engine:
         self._pending: collections.deque[_Job] = collections.deque()
         self._in_flight = 0
         self._live: set[_Job] = set()  # submitted, not yet finished
+        self._decoding: list[_Job | None] | None = None  # the rows' jobs when the unread decode call was dispatched
+        self._tokens: jax.Array | None = None  # that call's tokens, on the device
+        self._last_read = time.perf_counter()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gemma-jax-engine")
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -205,13 +261,31 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def max_batch(self, length: int) -> int:
+        """The largest admission batch for prompts padded to `length`: `admission_tokens` at most (one row at least)."""
+        return max(n for n in self.batch_buckets if n == 1 or n * length <= self.admission_tokens)
+
     def warmup(self) -> None:
-        """Compile prefill (shortest bucket), start, insert and decode before the first request (blocking)."""
-        prompt = [self.sampler.tokenizer.bos_id]
-        logits, row_cache = self.sampler.prefill(self.sampler.new_cache(1), [prompt])
-        row_state = self.sampler.start(logits, [prompt], 1, SamplingParams.create(1), 0)  # done at once
-        self._cache, self._dstate = insert(self._cache, self._dstate, row_cache, row_state, 0)
-        self._decode(np.zeros(self.slots, bool))
+        """Compile, before the first request, every program serving runs (blocking): each (prompt bucket, admission
+        batch) prefill and insert, start, release and decode, each by the code path that serves."""
+        began, before = time.perf_counter(), compiles()
+        shapes = [
+            (length, n) for length in self.prompt_buckets for n in self.batch_buckets if n <= self.max_batch(length)
+        ]
+        prompt_id, free = self.sampler.tokenizer.bos_id, GenerationParams(max_tokens=1)
+        for length, n in tqdm(shapes, desc="compiling admission programs", unit="program"):
+            prompt = [prompt_id] * min(length, self.max_prompt_tokens)
+            cache, state = self._prefill([prompt] * n, [free] * n, [0] * n)
+            self._insert(cache, state, [self.slots] * n)  # rows out of range: dropped
+            np.asarray(state.tokens), np.asarray(state.done)
+        self._release(np.zeros(self.slots, bool))
+        self._dispatch_decode()
+        np.asarray(self._take_tokens())
+        logger.info(
+            "compiled %d programs (%d prompt buckets up to %d tokens x admission batches %s) in %.1f s",
+            compiles() - before, len(self.prompt_buckets), self.max_prompt_tokens,
+            self.batch_buckets, time.perf_counter() - began,
+        )  # fmt: skip
 
     def start(self) -> None:
         """Start the scheduler on the running event loop."""
@@ -267,6 +341,11 @@ class Engine:
                 f"{len(prompt) + params.max_tokens} ({len(prompt)} in the prompt + {params.max_tokens} max_tokens): "
                 "shorten the prompt or lower max_tokens"
             )
+        if len(prompt) > self.max_prompt_tokens:
+            raise ValueError(
+                f"The prompt has {len(prompt)} tokens but this server accepts at most {self.max_prompt_tokens} "
+                "(--max-prompt-tokens): shorten the prompt"
+            )
         if any(not s for s in params.stop):
             raise ValueError("stop strings must be non-empty")
         check(params.temperature, params.top_k, params.top_p, params.min_p)
@@ -319,79 +398,90 @@ class Engine:
 
     async def _schedule(self) -> None:
         while True:
-            if not self._pending and not any(self._rows):
+            if not self._pending and not any(self._rows) and self._decoding is None:
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             try:
-                await self._admit()
-                if any(self._rows):
-                    await self._step()
+                await self._iterate()
             except Exception as e:  # the batch's device state is suspect: drop it, fail its requests, go on
                 logger.exception("decode batch failed; its requests fail, the engine continues")
                 await self._run(self._reset)
+                self._decoding = None
                 for row, job in enumerate(self._rows):
                     if job is not None:
                         self._fail(job, e)
                         self._rows[row] = None
             self.metrics.active_slots.set(sum(job is not None for job in self._rows))
 
-    async def _admit(self) -> None:
-        """Prefill waiting jobs into free rows, in arrival order."""
-        while self._pending and None in self._rows:
+    async def _iterate(self) -> None:
+        """Release ended rows, admit waiting jobs, dispatch a decode call, then deliver the previous one's tokens."""
+        release = np.array([job is not None and (job.finished or job.cancelled) for job in self._rows])
+        for row in np.flatnonzero(release):
+            job = self._rows[row]
+            if job.cancelled and not job.finished:
+                self._finish(job, "cancelled")
+            self._rows[row] = None
+        admissions = self._plan()
+        decoding, self._decoding = self._decoding, (list(self._rows) if any(self._rows) else None)
+        tokens, done = await self._run(self._device_step, release, admissions, self._decoding is not None)
+        for admission in admissions:
+            self._admitted(admission)
+        if decoding is not None:
+            self._deliver(decoding, tokens, done)
+
+    def _plan(self) -> list[_Admission]:
+        """Take waiting jobs (arrival order) for the free rows, reserve their rows, group them by prompt bucket
+        into admission batches."""
+        free = [row for row, job in enumerate(self._rows) if job is None]
+        groups: dict[int, list[_Job]] = collections.defaultdict(list)
+        for row in free:
+            if not self._pending:
+                break
             job = self._pending.popleft()
-            self.metrics.queue_depth.set(len(self._pending))
-            row = self._rows.index(None)
-            try:
-                row_cache, row_state, first, done = await self._run(self._prefill, job.prompt, job.params, job.seed)
-            except Exception as e:
-                logger.exception("prefill failed for a %d-token prompt", len(job.prompt))
-                self._fail(job, e)
+            job.row, self._rows[row] = row, job
+            groups[bucket(len(job.prompt), self.sampler.prefill_chunk)].append(job)
+        self.metrics.queue_depth.set(len(self._pending))
+        admissions = []
+        for length, jobs in sorted(groups.items()):
+            size = self.max_batch(length)
+            admissions += [_Admission(jobs[i : i + size]) for i in range(0, len(jobs), size)]
+        return admissions
+
+    def _admitted(self, admission: _Admission) -> None:
+        """Hand each admitted job its first token, or the error its prefill raised (its row is freed)."""
+        for i, job in enumerate(admission.jobs):
+            if admission.error is not None:
+                self._fail(job, admission.error)
+                self._rows[job.row] = None
                 continue
             self.metrics.prompt_tokens.inc(len(job.prompt))
             self.metrics.generation_tokens.inc()
             self.metrics.time_to_first_token.observe(time.perf_counter() - job.submitted)
-            output = job.feed([first], self._stop_ids, done)
-            if job.cancelled:
-                self._finish(job, "cancelled")
+            if job.cancelled:  # released with the next call
                 continue
+            output = job.feed([int(admission.first[i])], self._stop_ids, bool(admission.done[i]))
             job.handle._put(job, output)
             if output.finish_reason is not None:
                 self._finish(job, output.finish_reason)
-                continue
-            try:
-                await self._run(self._insert, row_cache, row_state, row)
-            except Exception as e:  # the batch may be lost too: `_schedule` resets it
-                self._fail(job, e)
-                raise
-            job.row, self._rows[row] = row, job
 
-    async def _step(self) -> None:
-        """Release rows whose job ended on the host, decode, deliver, free finished rows."""
-        release = np.array([job is not None and job.finished for job in self._rows])
-        release |= np.array([job is not None and job.cancelled for job in self._rows])
-        start = time.perf_counter()
-        tokens, done = await self._run(self._decode, release)
+    def _deliver(self, decoding: list[_Job | None], tokens: np.ndarray, done: np.ndarray) -> None:
+        """Hand out a decode call's tokens to the jobs its rows held (a job that ended since gets nothing)."""
         new = int(np.sum(tokens != NO_TOKEN))
+        now = time.perf_counter()
         self.metrics.generation_tokens.inc(new)
-        self.metrics.tokens_per_second.set(new / (time.perf_counter() - start))
-        for row, job in enumerate(self._rows):
-            if job is None:
-                continue
-            if release[row]:
-                if job.cancelled and not job.finished:
-                    self._finish(job, "cancelled")
-                self._rows[row] = None
+        self.metrics.tokens_per_second.set(new / max(now - self._last_read, 1e-9))
+        self._last_read = now
+        for row, job in enumerate(decoding):
+            if job is None or job.finished or job.cancelled:
                 continue
             output = job.feed(tokens[row][tokens[row] != NO_TOKEN].tolist(), self._stop_ids, bool(done[row]))
             if output is not None:
                 job.handle._put(job, output)
             if job.finished:
                 self._finish(job, output.finish_reason)
-                if done[row]:  # otherwise (a stop string) the row is released at the next call
-                    self._rows[row] = None
 
     def _fail(self, job: _Job, error: Exception) -> None:
         if not job.finished:
@@ -403,24 +493,78 @@ class Engine:
 
     # -- device work (worker thread; the only code that touches the batch's cache and state) ----------
 
-    def _prefill(self, prompt: list[int], params: GenerationParams, seed: int):
-        logits, row_cache = self.sampler.prefill(self.sampler.new_cache(1), [prompt])
+    def _device_step(
+        self, release: np.ndarray, admissions: list[_Admission], decode: bool
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Release rows, admit, dispatch a decode call (if `decode`), and only then wait for results: the admitted
+        first tokens and the previous decode call's (tokens, done), or (None, None) if there was none."""
+        done = self._release(release)
+        started = []
+        for admission in admissions:
+            jobs = admission.jobs
+            try:
+                cache, state = self._prefill(
+                    [job.prompt for job in jobs], [job.params for job in jobs], [job.seed for job in jobs]
+                )
+            except Exception as e:  # this admission's requests fail; the running batch is untouched
+                logger.exception("prefill failed for %d prompt(s)", len(jobs))
+                admission.error = e
+                continue
+            self._insert(cache, state, [job.row for job in jobs])
+            started.append((admission, state))
+        previous = self._dispatch_decode() if decode else self._take_tokens()
+        for admission, state in started:
+            admission.first, admission.done = np.asarray(state.tokens), np.asarray(state.done)
+        if previous is None:
+            return None, None
+        return np.asarray(previous), np.asarray(done)
+
+    def _prefill(
+        self, prompts: list[list[int]], params: list[GenerationParams], seeds: list[int]
+    ) -> tuple[KVCache, DecodeState]:
+        """Prefill prompts of one bucket together, padded to an admission batch size, into a prompt-sized scratch
+        cache and sample their first tokens: (that cache, the started rows), padding rows last."""
+        n = min(size for size in self.batch_buckets if size >= len(prompts))
+        pad = n - len(prompts)
+        prompts = prompts + [[self.sampler.tokenizer.bos_id]] * pad
+        params = params + [GenerationParams(max_tokens=1)] * pad
+        length = bucket(max(map(len, prompts)), self.sampler.prefill_chunk)
+        logits, cache = self.sampler.prefill(self.sampler.new_cache(n, length), prompts)
         sampling = SamplingParams.create(
-            1, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p
+            n,
+            temperature=[p.temperature for p in params],
+            top_k=[p.top_k for p in params],
+            top_p=[p.top_p for p in params],
+            min_p=[p.min_p for p in params],
         )
-        row_state = self.sampler.start(logits, [prompt], params.max_tokens, sampling, seed)
-        return row_cache, row_state, int(row_state.tokens[0]), bool(row_state.done[0])
+        return cache, self.sampler.start(logits, prompts, [p.max_tokens for p in params], sampling, seeds + [0] * pad)
 
-    def _insert(self, row_cache: KVCache, row_state: DecodeState, row: int) -> None:
-        self._cache, self._dstate = insert(self._cache, self._dstate, row_cache, row_state, row)
+    def _insert(self, cache: KVCache, state: DecodeState, rows: list[int]) -> None:
+        """Insert started rows into `rows` of the batch in one call; padding rows get an out-of-range row (dropped)."""
+        rows_array = np.full(state.tokens.shape[0], self.slots, np.int32)
+        rows_array[: len(rows)] = rows
+        with sharding.on_mesh(self.sampler.mesh):
+            self._cache, self._dstate = insert(self._cache, self._dstate, cache, state, rows_array)
 
-    def _decode(self, release: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mark `release` rows done, run `decode_steps` steps: (tokens [B, steps], done [B]) on the host."""
-        self._dstate = self._dstate.replace(done=self._dstate.done | release)
-        self._cache, self._dstate, tokens = self.sampler.decode(self._cache, self._dstate, self.decode_steps)
-        return tokens, np.asarray(self._dstate.done)
+    def _release(self, release: np.ndarray) -> jax.Array:
+        """Mark `release` rows done; returns the done flags as the last decode call left them (on the device)."""
+        with sharding.on_mesh(self.sampler.mesh):
+            self._dstate, done = _release(self._dstate, release)
+        return done
+
+    def _take_tokens(self) -> jax.Array | None:
+        """The unread decode call's tokens (on the device), None if there is none."""
+        tokens, self._tokens = self._tokens, None
+        return tokens
+
+    def _dispatch_decode(self) -> jax.Array | None:
+        """Dispatch `decode_steps` steps for all rows without waiting; returns the previous call's tokens."""
+        previous = self._take_tokens()
+        self._cache, self._dstate, self._tokens = self.sampler.decode(self._cache, self._dstate, self.decode_steps)
+        return previous
 
     def _reset(self) -> None:
         """A fresh, empty batch (after a failure may have consumed the donated buffers)."""
         self._cache = self.sampler.new_cache(self.slots)
         self._dstate = DecodeState.empty(self.slots)
+        self._tokens = None
