@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefill-chunk", type=_positive, default=2048, help="longest prompt piece prefilled at once")
     p.add_argument(
+        "--admission-tokens",
+        type=_positive,
+        default=16384,
+        help="padded prompt tokens prefilled together when waiting requests join the batch: bounds that call's "
+        "memory and the programs compiled at start-up; more requests join with the next call",
+    )
+    p.add_argument(
         "--served-model-name",
         default=None,
         help="the `model` clients send, listed by /v1/models (default: --checkpoint as given; its directory's name "
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     policy.add_cli_args(p)
-    sharding.add_cli_args(p)
+    sharding.add_cli_args(p, serving=True)
     return p
 
 
@@ -113,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_count() > 1:
         parser.exit(2, f"{parser.prog}: error: serving runs on one host; shard over its devices with --mesh\n")
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    if mesh is not None and mesh.shape["fsdp"] > 1:
+        logging.getLogger(__name__).warning(
+            "--mesh %s: fsdp all-gathers every weight on every decode step; serve with tensor parallelism "
+            "(--mesh alone: tensor over all devices)",
+            args.mesh,
+        )
     embedded = args.checkpoint is None  # the CPU demo: served as the sampler runs it, in float32, sized for a CPU
     args.dtype = args.dtype or _ALIASES[cli.default_dtype(embedded)]
     args.slots = args.slots or (4 if embedded else 16)
@@ -131,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat)
         sampler = Sampler(model, tokenizer, cache_length=args.cache_length, prefill_chunk=args.prefill_chunk, mesh=mesh)
-        engine = Engine(sampler, slots=args.slots, decode_steps=args.decode_steps, max_queue=args.max_queue)
+        engine = Engine(
+            sampler,
+            slots=args.slots,
+            decode_steps=args.decode_steps,
+            max_queue=args.max_queue,
+            max_prompt_tokens=args.max_prompt_tokens,
+            admission_tokens=args.admission_tokens,
+        )
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     logging.getLogger(__name__).info(
