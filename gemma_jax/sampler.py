@@ -1,8 +1,10 @@
 """Text generation: bucketed, chunked prefill into a KV cache, then the whole decode loop inside jit.
 
-The pieces are public so a server can run a continuous batch: `prefill` a new request into its
-own cache, `start` its decode row, `insert` both into a free row of the running batch between
-`decode` calls, and read rows whose `done` flag is set. `Sampler.generate` and `Sampler.stream`
+The pieces are public so a server can run a continuous batch: `prefill` new requests together into
+a prompt-sized scratch cache (`new_cache(batch, length)`), `start` their decode rows, `insert` them
+into free rows of the running batch between `decode` calls (writing only the slots they use), and
+read rows whose `done` flag is set; `decode` returns once dispatched, so the next call can be queued
+before the last one's tokens are read. `Sampler.generate` and `Sampler.stream`
 are built from the same pieces. Every jitted function takes the model as (graphdef static,
 state argument), so weights are inputs of the compiled program, not constants baked into it, and
 compiled programs are shared by every Sampler over the same architecture.
