@@ -272,6 +272,21 @@ class Sampler:
                 )
         return logits, cache
 
+    def compile_prefill(self, batch: int, length: int) -> tuple[jax.Array, KVCache]:
+        """Compile, without running, the prefill of `batch` prompts of bucket `length` into `new_cache(batch, length)`:
+        a server compiles every shape it may need at start-up, and running each would cost a prefill of every shape
+        (minutes on a CPU). Returns what `prefill` would, zero logits [batch, V] and an empty cache, placed as its
+        outputs are, so the steps after it (`start`, `insert`) compile for the same placements."""
+        chunk = min(length, self.prefill_chunk)
+        tokens = np.zeros((batch, chunk), np.int32)
+        cache = self.new_cache(batch, length)
+        logits = jnp.zeros((batch, self.config.vocab_size), jnp.float32)
+        with sharding.on_mesh(self.mesh):
+            lowered = _prefill_chunk.lower(self._graphdef, self._state, cache, tokens, tokens, tokens > 0)
+            placements = lowered.compile().output_shardings
+        # Over a mesh the prefill's outputs are committed to its shardings; on one device they are not (nor these).
+        return (logits, cache) if self.mesh is None else jax.device_put((logits, cache), placements)
+
     def start(
         self,
         logits: jax.Array,

@@ -157,11 +157,18 @@ def test_a_batch_over_the_admission_budget_is_split(engine, sampler, monkeypatch
 # -- nothing compiles after warmup -----------------------------------------------------------------------------
 
 
-def test_nothing_compiles_after_warmup(engine, sampler):
-    """After warmup, requests of every prompt length (every bucket), alone and in every admission batch size,
-    build no new executable; the count is on /metrics as gemma_jax_compiles_total."""
+@pytest.mark.parametrize("mesh", [None, "tensor=2"])
+def test_nothing_compiles_after_warmup(tiny_tokenizer, mesh):
+    """After warmup, requests of every prompt length (every bucket, one of two chunks too), alone and in every
+    admission batch size, build no new executable, on one device or a mesh; the count is on /metrics as
+    gemma_jax_compiles_total. A model of its own (window 20), so no other test has compiled its programs."""
     from prometheus_client import generate_latest
 
+    model, mesh = tiny(20), mesh and sharding.make_mesh(mesh, jax.devices()[:2])
+    model = model if mesh is None else sharding.shard_model(model, mesh)
+    s = Sampler(model, tiny_tokenizer, cache_length=CONTEXT, prefill_chunk=64, mesh=mesh)
+    engine = Engine(s, slots=4, decode_steps=3, max_prompt_tokens=MAX_PROMPT, admission_tokens=128)
+    engine.warmup()
     before = compiles()
     lengths = list(range(1, MAX_PROMPT + 1))
     waves = [[prompt(n, n) for n in lengths[group::7][:group]] for group in (1, 2, 3, 4, 6)]
@@ -169,7 +176,7 @@ def test_nothing_compiles_after_warmup(engine, sampler):
     assert compiles() == before
     text = generate_latest(engine.metrics.registry).decode()
     assert re.search(rf"^gemma_jax_compiles_total {float(before)}$", text, re.M), text
-    jnp.zeros(3) + 1  # the counter sees a real compile
+    jax.jit(lambda x: x + 1)(1.0)  # a new function: the counter sees its compile
     assert compiles() > before
 
 

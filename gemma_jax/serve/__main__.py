@@ -130,20 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = args.dtype or _ALIASES[cli.default_dtype(embedded)]
     args.slots = args.slots or (4 if embedded else 16)
     args.cache_length = args.cache_length or (2048 if embedded else 16384)
-    storage, compute = DTYPES[args.dtype]
     cli.use_compilation_cache(args.cache_dir)
     try:
-        path = cli.resolve_checkpoint(args.checkpoint, cache_dir=args.cache_dir, dtype=storage)
-        quantized = storage in fp8.STORAGES
-        model = checkpoint.load_model(
-            path,
-            dtype=compute,
+        sampler = load_sampler(
+            args.checkpoint,
+            args.dtype,
+            cache_length=args.cache_length,
+            prefill_chunk=args.prefill_chunk,
+            quant=args.quant,
+            chat=args.chat,
             mesh=mesh,
-            quant=args.quant if quantized else None,
-            storage=storage if quantized else None,
+            cache_dir=args.cache_dir,
         )
-        tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat)
-        sampler = Sampler(model, tokenizer, cache_length=args.cache_length, prefill_chunk=args.prefill_chunk, mesh=mesh)
         engine = Engine(
             sampler,
             slots=args.slots,
@@ -165,6 +163,29 @@ def main(argv: list[str] | None = None) -> int:
             app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level
         )
     )
+
+
+def load_sampler(
+    source: str | None,
+    dtype: str,
+    *,
+    cache_length: int,
+    prefill_chunk: int = 2048,
+    quant: str = fp8.WEIGHT_ONLY,
+    chat: bool | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    cache_dir: str | None = None,
+) -> Sampler:
+    """The Sampler the server runs (benchmarks/serve.py measures against the same): `source` as --checkpoint
+    (None: the embedded model; HF sources converted once), loaded in `dtype` (a DTYPES key), over `mesh`."""
+    storage, compute = DTYPES[dtype]
+    path = cli.resolve_checkpoint(source, cache_dir=cache_dir, dtype=storage)
+    quantized = storage in fp8.STORAGES
+    model = checkpoint.load_model(
+        path, dtype=compute, mesh=mesh, quant=quant if quantized else None, storage=storage if quantized else None
+    )
+    tokenizer = Tokenizer.from_dir(path, instruction_tuned=chat)
+    return Sampler(model, tokenizer, cache_length=cache_length, prefill_chunk=prefill_chunk, mesh=mesh)
 
 
 def served_names(source: str | None, served_model_name: str | None = None) -> list[str]:

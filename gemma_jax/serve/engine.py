@@ -244,8 +244,7 @@ class Engine:
         chunk = sampler.prefill_chunk
         self.prompt_buckets = sorted({bucket(n, chunk) for n in range(1, max_prompt_tokens + 1)})
         self.metrics = Metrics(slots, registry)
-        self._cache = sampler.new_cache(slots)  # over the sampler's mesh, if any, in its shardings
-        self._dstate = DecodeState.empty(slots)
+        self._cache, self._dstate = self._empty_batch()
         self._stop_ids = frozenset(sampler.tokenizer.stop_ids)
         self._rows: list[_Job | None] = [None] * slots
         self._pending: collections.deque[_Job] = collections.deque()
@@ -273,14 +272,14 @@ class Engine:
             (length, n) for length in self.prompt_buckets for n in self.batch_buckets if n <= self.max_batch(length)
         ]
         prompt_id, free = self.sampler.tokenizer.bos_id, GenerationParams(max_tokens=1)
-        for length, n in tqdm(shapes, desc="compiling admission programs", unit="program"):
-            prompt = [prompt_id] * min(length, self.max_prompt_tokens)
-            cache, state = self._prefill([prompt] * n, [free] * n, [0] * n)
+        for length, n in tqdm(shapes, desc="compiling admission programs", unit="program"):  # as `_device_step` runs
+            done = self._release(np.zeros(self.slots, bool))
+            prompts = [[prompt_id] * min(length, self.max_prompt_tokens)] * n
+            logits, cache = self.sampler.compile_prefill(n, length)  # compiled, not run: as costly as a real one
+            state = self._start(logits, prompts, [free] * n, [0] * n)
             self._insert(cache, state, [self.slots] * n)  # rows out of range: dropped
-            np.asarray(state.tokens), np.asarray(state.done)
-        self._release(np.zeros(self.slots, bool))
-        self._dispatch_decode()
-        np.asarray(self._take_tokens())
+            self._dispatch_decode()
+            np.asarray(state.tokens), np.asarray(state.done), np.asarray(self._take_tokens()), np.asarray(done)
         logger.info(
             "compiled %d programs (%d prompt buckets up to %d tokens x admission batches %s) in %.1f s",
             compiles() - before, len(self.prompt_buckets), self.max_prompt_tokens,
@@ -530,14 +529,20 @@ class Engine:
         params = params + [GenerationParams(max_tokens=1)] * pad
         length = bucket(max(map(len, prompts)), self.sampler.prefill_chunk)
         logits, cache = self.sampler.prefill(self.sampler.new_cache(n, length), prompts)
+        return cache, self._start(logits, prompts, params, seeds + [0] * pad)
+
+    def _start(
+        self, logits: jax.Array, prompts: list[list[int]], params: list[GenerationParams], seeds: list[int]
+    ) -> DecodeState:
+        """The prefilled rows' first tokens, each with its request's settings, budget and seed."""
         sampling = SamplingParams.create(
-            n,
+            len(prompts),
             temperature=[p.temperature for p in params],
             top_k=[p.top_k for p in params],
             top_p=[p.top_p for p in params],
             min_p=[p.min_p for p in params],
         )
-        return cache, self.sampler.start(logits, prompts, [p.max_tokens for p in params], sampling, seeds + [0] * pad)
+        return self.sampler.start(logits, prompts, [p.max_tokens for p in params], sampling, seeds)
 
     def _insert(self, cache: KVCache, state: DecodeState, rows: list[int]) -> None:
         """Insert started rows into `rows` of the batch in one call; padding rows get an out-of-range row (dropped)."""
@@ -565,6 +570,12 @@ class Engine:
 
     def _reset(self) -> None:
         """A fresh, empty batch (after a failure may have consumed the donated buffers)."""
-        self._cache = self.sampler.new_cache(self.slots)
-        self._dstate = DecodeState.empty(self.slots)
+        self._cache, self._dstate = self._empty_batch()
         self._tokens = None
+
+    def _empty_batch(self) -> tuple[KVCache, DecodeState]:
+        """Free rows, over the sampler's mesh if any. The state goes through `_release` once, so it is placed as
+        the jitted steps leave it: a step compiled for a fresh state's placement would compile again after it."""
+        with sharding.on_mesh(self.sampler.mesh):
+            dstate, _ = _release(DecodeState.empty(self.slots), np.zeros(self.slots, bool))
+        return self.sampler.new_cache(self.slots), dstate
