@@ -40,6 +40,7 @@ import jax
 import numpy as np
 import openai
 
+from gemma_jax import cli
 from gemma_jax.sampler import NO_TOKEN
 from gemma_jax.sampling import SamplingParams
 from gemma_jax.serve import Engine, GenerationParams
@@ -140,7 +141,10 @@ def server(args: argparse.Namespace):
     command += ["--checkpoint", args.checkpoint] if args.checkpoint else []
     command += ["--port", str(port), "--served-model-name", MODEL, "--dtype", args.dtype, "--log-level", "warning"]
     command += ["--slots", str(args.slots), "--cache-length", str(args.cache_length)]
-    command += ["--decode-steps", str(args.decode_steps), *args.server_args]
+    command += ["--decode-steps", str(args.decode_steps)]
+    if "--max-prompt-tokens" not in args.server_args:  # start-up compiles the buckets up to it: those of these prompts
+        command += ["--max-prompt-tokens", str(min(4 * args.prompt_words, args.cache_length - args.max_tokens))]
+    command += args.server_args
     url = f"http://{HOST}:{port}"
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -206,6 +210,7 @@ async def run_engine(
 
 def burst(args: argparse.Namespace) -> None:
     longest, new = args.burst_longest, args.burst_new_tokens
+    cli.use_compilation_cache()  # as the server: a second run loads its programs
     sampler = load_sampler(args.checkpoint, args.dtype, cache_length=2 * longest, prefill_chunk=args.prefill_chunk)
     pool = sampler.tokenizer.encode(TEXT * (4 * longest // len(TEXT.split()) + 4))
     lengths = np.linspace(16, longest, 32).round().astype(int)

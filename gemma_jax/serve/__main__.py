@@ -142,14 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             mesh=mesh,
             cache_dir=args.cache_dir,
         )
-        engine = Engine(
-            sampler,
-            slots=args.slots,
-            decode_steps=args.decode_steps,
-            max_queue=args.max_queue,
-            max_prompt_tokens=args.max_prompt_tokens,
-            admission_tokens=args.admission_tokens,
-        )
+        sizes = ("slots", "decode_steps", "max_queue", "max_prompt_tokens", "admission_tokens")
+        engine = Engine(sampler, **{name: getattr(args, name) for name in sizes})
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     logging.getLogger(__name__).info(
