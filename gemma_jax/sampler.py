@@ -281,11 +281,15 @@ class Sampler:
         tokens = np.zeros((batch, chunk), np.int32)
         cache = self.new_cache(batch, length)
         logits = jnp.zeros((batch, self.config.vocab_size), jnp.float32)
+        # A jitted call's outputs are committed to their placement when an input is (weights restored from a
+        # checkpoint or over a mesh are), and a committed input is a different program from an uncommitted one.
+        committed = any(x.committed for x in jax.tree.leaves(self._state))
         with sharding.on_mesh(self.mesh):
-            lowered = _prefill_chunk.lower(self._graphdef, self._state, cache, tokens, tokens, tokens > 0)
-            placements = lowered.compile().output_shardings
-        # Over a mesh the prefill's outputs are committed to its shardings; on one device they are not (nor these).
-        return (logits, cache) if self.mesh is None else jax.device_put((logits, cache), placements)
+            for _ in range(1 if chunk == length else 2):  # a second chunk reads the first one's output cache
+                lowered = _prefill_chunk.lower(self._graphdef, self._state, cache, tokens, tokens, tokens > 0)
+                placements = lowered.compile().output_shardings
+                logits, cache = jax.device_put((logits, cache), placements) if committed else (logits, cache)
+        return logits, cache
 
     def start(
         self,

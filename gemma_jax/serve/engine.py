@@ -272,7 +272,9 @@ class Engine:
             (length, n) for length in self.prompt_buckets for n in self.batch_buckets if n <= self.max_batch(length)
         ]
         prompt_id, free = self.sampler.tokenizer.bos_id, GenerationParams(max_tokens=1)
-        for length, n in tqdm(shapes, desc="compiling admission programs", unit="program"):  # as `_device_step` runs
+        # Twice, each as `_device_step` runs: the first pass leaves the batch's arrays placed as serving will (the
+        # steps' outputs), the second compiles for those placements.
+        for length, n in tqdm(shapes * 2, desc="compiling admission programs", unit="program"):
             done = self._release(np.zeros(self.slots, bool))
             prompts = [[prompt_id] * min(length, self.max_prompt_tokens)] * n
             logits, cache = self.sampler.compile_prefill(n, length)  # compiled, not run: as costly as a real one
