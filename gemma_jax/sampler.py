@@ -366,12 +366,16 @@ class Sampler:
         tokens = np.zeros((batch, self._chunk(length, score)), np.int32)
         cache = self.new_cache(batch, length)
         logits = jnp.zeros((batch, self.config.vocab_size), jnp.float32)
-        args = (self._graphdef, self._state, cache, tokens, tokens, tokens > 0)
+        # A jitted call's outputs are committed to their placement when an input is (weights restored from a
+        # checkpoint or over a mesh are), and a committed input is a different program from an uncommitted one.
+        committed = any(x.committed for x in jax.tree.leaves(self._state))
         with sharding.on_mesh(self.mesh):
-            lowered = _prefill_chunk_scored.lower(*args, tokens) if score else _prefill_chunk.lower(*args)
-            placements = lowered.compile().output_shardings[:2]
-        # Over a mesh the prefill's outputs are committed to its shardings; on one device they are not (nor these).
-        return (logits, cache) if self.mesh is None else jax.device_put((logits, cache), placements)
+            for _ in range(1 if tokens.shape[1] == length else 2):  # a second chunk reads the first one's output cache
+                args = (self._graphdef, self._state, cache, tokens, tokens, tokens > 0)
+                lowered = _prefill_chunk_scored.lower(*args, tokens) if score else _prefill_chunk.lower(*args)
+                placements = lowered.compile().output_shardings[:2]
+                logits, cache = jax.device_put((logits, cache), placements) if committed else (logits, cache)
+        return logits, cache
 
     def start(
         self,

@@ -318,7 +318,9 @@ class Engine:
             if n <= self.max_batch(length)
         ] + [(length, 1, True) for length in self.prompt_buckets]  # echo with logprobs: scored, alone
         prompt_id, free = self.sampler.tokenizer.bos_id, GenerationParams(max_tokens=1)
-        for length, n, score in tqdm(shapes, desc="compiling admission programs", unit="program"):  # as served
+        # Twice, each as `_device_step` runs: the first pass leaves the batch's arrays placed as serving will (the
+        # steps' outputs), the second compiles for those placements.
+        for length, n, score in tqdm(shapes * 2, desc="compiling admission programs", unit="program"):
             done = self._release(np.zeros(self.slots, bool))
             prompts = [[prompt_id] * min(length, self.max_prompt_tokens)] * n
             # compiled, not run: as costly as a real one
