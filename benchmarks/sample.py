@@ -59,7 +59,7 @@ def bench_ours(sampler: Sampler, config, batch: int, length: int, new: int, repe
         t2, decoded = time.perf_counter(), 0
         while not bool(jnp.all(dstate.done)):
             cache, dstate, out, _ = sampler.decode(cache, dstate, sampler.decode_steps)
-            decoded += int((out != NO_TOKEN).sum())
+            decoded += int((np.asarray(out) != NO_TOKEN).sum())
         t3 = time.perf_counter()
         prefill_s, decode_s = min(prefill_s, t1 - t0), min(decode_s, t3 - t2)
     return {"prefill": batch * length / prefill_s, "decode": decoded / decode_s, "cache": cache.nbytes}

@@ -1,12 +1,14 @@
 """Text generation: bucketed, chunked prefill into a KV cache, then the whole decode loop inside jit.
 
-The pieces are public so a server can run a continuous batch: `prefill` a new request into its
-own cache, `start` its decode row, `insert` both into a free row of the running batch between
-`decode` calls, and read rows whose `done` flag is set. Penalties and log-probabilities are per-row data
-of the decode state too; `prefill_scored` also scores each prompt token (echo with logprobs).
-`Sampler.generate` and `Sampler.stream` are built from the same pieces. Every jitted function takes
-the model as (graphdef static, state argument), so weights are inputs of the compiled program, not
-constants baked into it, and compiled programs are shared by every Sampler over the same architecture.
+The pieces are public so a server can run a continuous batch: `prefill` new requests together into
+a prompt-sized scratch cache (`new_cache(batch, length)`), `start` their decode rows, `insert` them
+into free rows of the running batch between `decode` calls (writing only the slots they use), and
+read rows whose `done` flag is set; `decode` returns once dispatched, so the next call can be queued
+before the last one's tokens are read. Penalties and log-probabilities are per-row data of the decode
+state too; `prefill_scored` also scores each prompt token (echo with logprobs). `Sampler.generate` and
+`Sampler.stream` are built from the same pieces. Every jitted function takes the model as (graphdef
+static, state argument), so weights are inputs of the compiled program, not constants baked into it,
+and compiled programs are shared by every Sampler over the same architecture.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from flax import nnx, struct
 
 from gemma_jax import kv_cache, sharding
-from gemma_jax.kv_cache import EMPTY, KVCache
+from gemma_jax.kv_cache import EMPTY, KVCache, LayerCache
 from gemma_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams, penalize, sample, token_logprobs
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.transformer import Transformer
@@ -201,19 +203,44 @@ def _decode(graphdef, state, cache: KVCache, dstate: DecodeState, stop_ids, num_
     return cache, dstate, out, scores
 
 
+@jax.jit
+def row_keys(seeds: jax.Array) -> jax.Array:
+    """One PRNG key per row from its own seed [n] uint32: the key a batch of one from that seed gets in `start`."""
+    return jax.vmap(lambda s: jax.random.split(jax.random.key(s), 1)[0])(seeds)
+
+
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def insert(cache: KVCache, dstate: DecodeState, row_cache: KVCache, row_state: DecodeState, row):
-    """Put a one-row request (its prefilled cache and started state) into row `row` of a running batch
-    (every cache array, an 8-bit cache's scales included)."""
+def insert(cache: KVCache, dstate: DecodeState, new_cache: KVCache, new_state: DecodeState, rows):
+    """Put started requests (their prefilled caches [n, ...] and states) into rows `rows` [n] of a running batch.
 
-    def put(axis):
-        return lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), row, axis)
+    `new_cache` may be shorter than `cache` (a prompt-sized scratch cache, see `Sampler.new_cache`): k and v
+    are written in the slots it has only, and the rest of each row's positions are set EMPTY, so nothing of the
+    row's previous request stays visible. An 8-bit cache's scales are written like its keys. A row index out of
+    range (>= B) drops that row (batch padding). `rows` may be a scalar for one request.
+    """
+    rows = jnp.atleast_1d(rows)
 
-    cache = KVCache(
-        groups=jax.tree.map(put(1), cache.groups, row_cache.groups),  # stacked: [G, B, ...]
-        tail=jax.tree.map(put(0), cache.tail, row_cache.tail),
-    )
-    return cache, jax.tree.map(put(0), dstate, row_state)
+    def layer(big: LayerCache, new: LayerCache) -> LayerCache:
+        lead = (slice(None),) * (big.positions.ndim - 2)  # stacked groups: [G, B, ...]
+        at, filled = (*lead, rows), slice(0, new.size)
+        empty = jnp.full((*new.positions.shape[:-1], big.size - new.size), EMPTY, jnp.int32)
+
+        def slots(x: jax.Array | None, y: jax.Array | None) -> jax.Array | None:  # k and scales: [.., B, K, *, S]
+            return None if x is None else x.at[(*at, Ellipsis, filled)].set(y.astype(x.dtype), mode="drop")
+
+        return LayerCache(
+            k=slots(big.k, new.k),
+            v=big.v.at[(*at, slice(None), filled)].set(new.v.astype(big.v.dtype), mode="drop"),  # [.., B, K, S, H]
+            positions=big.positions.at[at].set(jnp.concatenate([new.positions, empty], -1), mode="drop"),
+            k_scale=slots(big.k_scale, new.k_scale),
+            v_scale=slots(big.v_scale, new.v_scale),
+        )
+
+    def put(x, r):
+        return x.at[rows].set(r if r.dtype == x.dtype else r.astype(x.dtype), mode="drop")
+
+    cache = jax.tree.map(layer, cache, new_cache, is_leaf=lambda x: isinstance(x, LayerCache))
+    return cache, jax.tree.map(put, dstate, new_state)
 
 
 def default_cache_dtype(compute_dtype: jnp.dtype, backend: str) -> jnp.dtype:
@@ -276,10 +303,13 @@ class Sampler:
 
     # -- the pieces a server composes -------------------------------------------------------
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int, length: int | None = None) -> KVCache:
+        """An empty cache of `cache_length` slots per row, or of `length` (at most that): a prompt-sized scratch
+        cache to prefill requests into before `insert` copies the slots they use into a running batch."""
+        length = self.cache_length if length is None else min(length, self.cache_length)
         if self.mesh is None:
-            return KVCache.create(self.config, batch, self.cache_length, self.cache_dtype)
-        return sharding.init_cache(self.config, batch, self.cache_length, self.cache_dtype, self.mesh)
+            return KVCache.create(self.config, batch, length, self.cache_dtype)
+        return sharding.init_cache(self.config, batch, length, self.cache_dtype, self.mesh)
 
     def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, KVCache]:
         """Write token-id prompts (one per cache row) into `cache`; return each row's next-token logits [B, V].
@@ -302,9 +332,7 @@ class Sampler:
         self._check_lengths(prompts, max_new_tokens=0)
         longest = max(map(len, prompts))
         padded = bucket(longest, self.prefill_chunk)
-        chunk = min(padded, self.prefill_chunk)
-        if score:  # the largest piece that tiles the chunk and keeps its logits small
-            chunk = max(d for d in range(1, min(chunk, SCORE_CHUNK) + 1) if chunk % d == 0)
+        chunk = self._chunk(padded, score)
         logger.info("prefill: batch %d, longest prompt %d -> bucket %d (%d chunk(s) of %d)",
                     len(prompts), longest, padded, padded // chunk, chunk)  # fmt: skip
         tokens, mask = left_pad(prompts, padded, self.tokenizer.pad_id)
@@ -323,49 +351,76 @@ class Sampler:
         scores = jax.tree.map(lambda *x: np.concatenate(x, axis=1), *jax.device_get(pieces)) if score else None
         return logits, cache, scores
 
+    def _chunk(self, padded: int, score: bool) -> int:
+        """The prefill's piece for prompts padded to `padded`; a scored one takes the largest piece that tiles the
+        chunk and keeps its [T, V] logits small."""
+        chunk = min(padded, self.prefill_chunk)
+        return max(d for d in range(1, min(chunk, SCORE_CHUNK) + 1) if chunk % d == 0) if score else chunk
+
+    def compile_prefill(self, batch: int, length: int, *, score: bool = False) -> tuple[jax.Array, KVCache]:
+        """Compile, without running, the prefill of `batch` prompts of bucket `length` into `new_cache(batch, length)`
+        (`score`: `prefill_scored`'s): a server compiles every shape it may need at start-up, and running each would
+        cost a prefill of every shape (minutes on a CPU). Returns what `prefill` would, zero logits [batch, V] and an
+        empty cache, placed as its outputs are, so the steps after it (`start`, `insert`) compile for the same
+        placements."""
+        tokens = np.zeros((batch, self._chunk(length, score)), np.int32)
+        cache = self.new_cache(batch, length)
+        logits = jnp.zeros((batch, self.config.vocab_size), jnp.float32)
+        # A jitted call's outputs are committed to their placement when an input is (weights restored from a
+        # checkpoint or over a mesh are), and a committed input is a different program from an uncommitted one.
+        committed = any(x.committed for x in jax.tree.leaves(self._state))
+        with sharding.on_mesh(self.mesh):
+            for _ in range(1 if tokens.shape[1] == length else 2):  # a second chunk reads the first one's output cache
+                args = (self._graphdef, self._state, cache, tokens, tokens, tokens > 0)
+                lowered = _prefill_chunk_scored.lower(*args, tokens) if score else _prefill_chunk.lower(*args)
+                placements = lowered.compile().output_shardings[:2]
+                logits, cache = jax.device_put((logits, cache), placements) if committed else (logits, cache)
+        return logits, cache
+
     def start(
         self,
         logits: jax.Array,
         prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         params: SamplingParams,
-        seed: int,
+        seed: int | Sequence[int],
         *,
-        logprobs: bool = False,
+        logprobs: bool | Sequence[bool] = False,
     ) -> DecodeState:
-        """Decode rows for prefilled `prompts`: the first token sampled, one PRNG key per row from `seed`;
-        with `logprobs` the rows report their tokens' Scores from `decode`."""
+        """Decode rows for prefilled `prompts`: the first token sampled. Budgets are one for all rows or one per
+        row; `seed` gives one PRNG key per row from one seed, or each row its own (as alone with that seed);
+        `logprobs` (for all rows or per row): the rows that report their tokens' Scores from `decode`."""
         batch = len(prompts)
-        keys = jax.random.split(jax.random.key(seed), batch)
-        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        if isinstance(seed, int):
+            keys = jax.random.split(jax.random.key(seed), batch)
+        else:  # keys take a seed's low 32 bits, as jax.random.key does for a larger int
+            keys = row_keys(np.asarray([s & 0xFFFFFFFF for s in seed], np.uint32))
+        lengths = np.asarray([len(p) for p in prompts], np.int32)
+        budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,))
+        reports = np.broadcast_to(np.asarray(logprobs, bool), (batch,))
         seen = np.zeros((batch, self.config.vocab_size), bool)  # built on the host: no compile per prompt length
         for row, p in enumerate(prompts):
             seen[row, p] = True
         with sharding.on_mesh(self.mesh):
-            return start(
-                logits,
-                lengths,
-                jnp.full((batch,), max_new_tokens, jnp.int32),
-                params,
-                keys,
-                self._stop_ids,
-                jnp.asarray(seen),
-                jnp.full((batch,), logprobs),
-            )
+            return start(logits, lengths, budgets, params, keys, self._stop_ids, seen, reports)
 
     def scores(self, logits: jax.Array, tokens: jax.Array) -> Scores:
-        """The Scores (numpy) of `tokens` [B] under `logits` [B, V]: a started row's first token, from its prefill."""
+        """The Scores of `tokens` [B] under `logits` [B, V]: started rows' first tokens, from their prefill. Returns
+        once dispatched (device arrays), like `decode`."""
         with sharding.on_mesh(self.mesh):
-            return jax.device_get(_scores(logits, tokens))
+            return _scores(logits, tokens)
 
     def decode(
         self, cache: KVCache, dstate: DecodeState, num_steps: int
-    ) -> tuple[KVCache, DecodeState, np.ndarray, Scores]:
+    ) -> tuple[KVCache, DecodeState, jax.Array, Scores]:
         """Run up to `num_steps` steps (static: one compile per value): tokens [B, num_steps] (NO_TOKEN = none) and
-        their Scores (numpy, [B, num_steps]; set for the rows that report them)."""
+        their Scores ([B, num_steps]; set for the rows that report them).
+
+        Returns as soon as the call is dispatched; tokens and Scores stay on the device until read (`np.asarray`,
+        `jax.device_get` wait), so a server can dispatch the next call first and the device never waits on the host.
+        """
         with sharding.on_mesh(self.mesh):
-            cache, dstate, out, scores = _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
-        return cache, dstate, np.asarray(out), jax.device_get(scores)
+            return _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
 
     # -- whole requests ---------------------------------------------------------------------
 
@@ -419,7 +474,7 @@ class Sampler:
         yield np.asarray(dstate.tokens)[:, None]
         while not bool(jnp.all(dstate.done)):
             cache, dstate, out, _ = self.decode(cache, dstate, steps)
-            yield out
+            yield np.asarray(out)
 
     def _encode(self, prompts: Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
         if isinstance(prompts, str) or not len(prompts):

@@ -63,7 +63,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "tensor": {"tensor": -1},
     "fsdp_tensor": {"fsdp": -1, "tensor": 4},
 }
-DEFAULT_MESH = "fsdp"
+DEFAULT_MESH = "fsdp"  # training: weights and optimizer state split, each layer's weights gathered when it runs
+# Serving: weights split by heads, MLP width and vocabulary, so a decode step all-reduces activations and never
+# gathers weights (under fsdp every decode step would all-gather every weight: a whole model's bytes per token).
+SERVE_MESH = "tensor"
 
 
 # ----------------------------------------------------------------------------------------------- meshes
@@ -239,12 +242,19 @@ def cache_shardings(cache: KVCache, mesh: Mesh | AbstractMesh) -> KVCache:
 
 
 def init_cache(config: GemmaConfig, batch: int, cache_length: int, dtype: str | jnp.dtype, mesh: Mesh) -> KVCache:
-    """An empty KVCache created directly in its shardings."""
+    """An empty KVCache created directly in its shardings (one compile per shape: a server creates one per
+    admission)."""
+    return _cache_initializer(config, batch, cache_length, kv_cache.cache_dtype(dtype), mesh)()
+
+
+@functools.cache
+def _cache_initializer(config: GemmaConfig, batch: int, cache_length: int, dtype: jnp.dtype, mesh: Mesh) -> Callable:
+    """The jitted creator of one cache shape, kept: a new closure per call would be a new jit, traced again."""
 
     def create() -> KVCache:
         return KVCache.create(config, batch, cache_length, dtype)
 
-    return jax.jit(create, out_shardings=cache_shardings(jax.eval_shape(create), mesh))()
+    return jax.jit(create, out_shardings=cache_shardings(jax.eval_shape(create), mesh))
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -345,15 +355,27 @@ def is_primary_host() -> bool:
     return jax.process_index() == 0
 
 
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add --mesh and the multi-host flags to a CLI; `mesh_from_args` consumes them."""
+def add_cli_args(parser: argparse.ArgumentParser, *, serving: bool = False) -> None:
+    """Add --mesh and the multi-host flags to a CLI; `mesh_from_args` consumes them. `serving`: `--mesh` alone
+    means tensor parallelism (SERVE_MESH), and its help says why."""
     group = parser.add_argument_group("sharding and multi-host")
-    group.add_argument(
-        "--mesh",
-        default=None,
-        help=f"devices per mesh axis, e.g. 'fsdp=4,tensor=2' (-1 = the rest), or a preset {sorted(PRESETS)} "
-        f"(default: {DEFAULT_MESH} over all devices)",
-    )
+    if serving:
+        mesh = dict(
+            nargs="?",
+            const=SERVE_MESH,
+            help=f"shard the model over this host's devices (default: one device). `--mesh` alone is {SERVE_MESH} "
+            "parallelism over all of them: weights split by heads and MLP width, each decode step all-reduces "
+            "activations and gathers no weight, the layout for serving; 'tensor' needs the kv heads divisible "
+            "(else the cache is replicated), so for more devices than kv heads add data parallelism, e.g. "
+            "'data=2,tensor=4'. fsdp all-gathers every weight on every decode step (a training layout). Sizes as "
+            f"'data=2,tensor=4' (-1 = the rest) or a preset {sorted(PRESETS)}",
+        )
+    else:
+        mesh = dict(
+            help=f"devices per mesh axis, e.g. 'fsdp=4,tensor=2' (-1 = the rest), or a preset {sorted(PRESETS)} "
+            f"(default: {DEFAULT_MESH} over all devices)"
+        )
+    group.add_argument("--mesh", default=None, **mesh)
     group.add_argument(
         "--coordinator", default=None, help="host:port of process 0 in a multi-host run ($JAX_COORDINATOR_ADDRESS)"
     )

@@ -141,24 +141,35 @@ def test_sampler_greedy_decode(model, tiny_tokenizer, dtype):
     assert all(g.token_ids[:agree] == w.token_ids[:agree] for g, w in zip(got, want, strict=True)), (got, want)
 
 
-def test_insert_copies_the_scales(model, tiny_tokenizer):
-    """`sampler.insert` puts a prefilled one-row 8-bit cache (values, scales, positions) into a running batch's row."""
+@pytest.mark.parametrize("length", [None, 32])  # a full-length row cache; a prompt-sized scratch cache
+def test_insert_copies_the_scales(model, tiny_tokenizer, length):
+    """`sampler.insert` puts a prefilled one-row 8-bit cache (values, scales, positions) into a running batch's row:
+    the slots it has; the positions past a scratch cache read EMPTY."""
     sampler = Sampler(model, tiny_tokenizer, cache_length=64, cache_dtype="int8")
     prompt = [[2, *range(200, 220)]]
-    logits, row_cache = sampler.prefill(sampler.new_cache(1), prompt)
+    logits, row_cache = sampler.prefill(sampler.new_cache(1, length), prompt)
     row_state = sampler.start(logits, prompt, 4, sampler_lib.SamplingParams.create(1), seed=0)
     batch = sampler.new_cache(3)
     before = jax.tree.map(np.asarray, batch)
-    cache, _ = sampler_lib.insert(
-        batch, sampler_lib.DecodeState.empty(3, model.config.vocab_size), row_cache, row_state, 1
-    )
+    empty = sampler_lib.DecodeState.empty(3, CONFIG.vocab_size)
+    cache, _ = sampler_lib.insert(batch, empty, row_cache, row_state, 1)
     for name in ("k", "v", "positions", "k_scale", "v_scale"):
         for got, row, old in zip(cache.groups, row_cache.groups, before.groups, strict=True):
-            np.testing.assert_array_equal(getattr(got, name)[:, 1], getattr(row, name)[:, 0])  # [G, B, ...]
+            new = _slots_last(getattr(got, name)[:, 1], name)  # [G, B, ...]
+            np.testing.assert_array_equal(new[..., : row.size], _slots_last(getattr(row, name)[:, 0], name))
             np.testing.assert_array_equal(getattr(got, name)[:, 0], getattr(old, name)[:, 0])
         for got, row in zip(cache.tail, row_cache.tail, strict=True):
-            np.testing.assert_array_equal(getattr(got, name)[1], getattr(row, name)[0])
+            np.testing.assert_array_equal(
+                _slots_last(getattr(got, name)[1], name)[..., : row.size], _slots_last(getattr(row, name)[0], name)
+            )
     assert np.asarray(cache.groups[1].k_scale)[:, 1].any()  # the scales were written, not left at zero
+    positions = np.asarray(cache.groups[1].positions[:, 1])
+    assert (positions[:, row_cache.groups[1].size :] == kv_cache.EMPTY).all()
+
+
+def _slots_last(x: jax.Array, name: str) -> np.ndarray:
+    """A cache array with its slot axis last (v keeps it second to last)."""
+    return np.moveaxis(np.asarray(x), -2, -1) if name == "v" else np.asarray(x)
 
 
 @pytest.fixture(scope="module")

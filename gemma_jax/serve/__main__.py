@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefill-chunk", type=_positive, default=2048, help="longest prompt piece prefilled at once")
     p.add_argument(
+        "--admission-tokens",
+        type=_positive,
+        default=16384,
+        help="padded prompt tokens prefilled together when waiting requests join the batch: bounds that call's "
+        "memory and the programs compiled at start-up; more requests join with the next call",
+    )
+    p.add_argument(
         "--served-model-name",
         default=None,
         help="the `model` clients send, listed by /v1/models (default: --checkpoint as given; its directory's name "
@@ -108,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     policy.add_cli_args(p)
-    sharding.add_cli_args(p)
+    sharding.add_cli_args(p, serving=True)
     return p
 
 
@@ -120,26 +127,31 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_count() > 1:
         parser.exit(2, f"{parser.prog}: error: serving runs on one host; shard over its devices with --mesh\n")
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    if mesh is not None and mesh.shape["fsdp"] > 1:
+        logging.getLogger(__name__).warning(
+            "--mesh %s: fsdp all-gathers every weight on every decode step; serve with tensor parallelism "
+            "(--mesh alone: tensor over all devices)",
+            args.mesh,
+        )
     embedded = args.checkpoint is None  # the CPU demo: served as the sampler runs it, in float32, sized for a CPU
     args.dtype = args.dtype or _ALIASES[cli.default_dtype(embedded)]
     args.slots = args.slots or (4 if embedded else 16)
     args.cache_length = args.cache_length or (2048 if embedded else 16384)
-    storage, compute = DTYPES[args.dtype]
     cli.use_compilation_cache(args.cache_dir)
     try:
-        path = cli.resolve_checkpoint(args.checkpoint, cache_dir=args.cache_dir, dtype=storage)
-        quantized = storage in fp8.STORAGES
-        model = checkpoint.load_model(
-            path,
-            dtype=compute,
+        sampler = load_sampler(
+            args.checkpoint,
+            args.dtype,
+            cache_length=args.cache_length,
+            prefill_chunk=args.prefill_chunk,
+            quant=args.quant,
+            chat=args.chat,
             mesh=mesh,
-            quant=args.quant if quantized else None,
-            storage=storage if quantized else None,
+            cache_dir=args.cache_dir,
+            cache_dtype=args.cache_dtype,
         )
-        tokenizer = Tokenizer.from_dir(path, instruction_tuned=args.chat)
-        cache = dict(cache_length=args.cache_length, prefill_chunk=args.prefill_chunk, cache_dtype=args.cache_dtype)
-        sampler = Sampler(model, tokenizer, mesh=mesh, **cache)
-        engine = Engine(sampler, slots=args.slots, decode_steps=args.decode_steps, max_queue=args.max_queue)
+        sizes = ("slots", "decode_steps", "max_queue", "max_prompt_tokens", "admission_tokens")
+        engine = Engine(sampler, **{name: getattr(args, name) for name in sizes})
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     logging.getLogger(__name__).info(
@@ -153,6 +165,32 @@ def main(argv: list[str] | None = None) -> int:
             app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level
         )
     )
+
+
+def load_sampler(
+    source: str | None,
+    dtype: str,
+    *,
+    cache_length: int,
+    prefill_chunk: int = 2048,
+    quant: str = fp8.WEIGHT_ONLY,
+    chat: bool | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    cache_dir: str | None = None,
+    cache_dtype: str | None = None,
+) -> Sampler:
+    """The Sampler the server runs (benchmarks/serve.py measures against the same): `source` as --checkpoint
+    (None: the embedded model; HF sources converted once), loaded in `dtype` (a DTYPES key), over `mesh`, with a
+    KV cache of `cache_dtype` (a CACHE_DTYPES key; None: the compute dtype's)."""
+    storage, compute = DTYPES[dtype]
+    path = cli.resolve_checkpoint(source, cache_dir=cache_dir, dtype=storage)
+    quantized = storage in fp8.STORAGES
+    model = checkpoint.load_model(
+        path, dtype=compute, mesh=mesh, quant=quant if quantized else None, storage=storage if quantized else None
+    )
+    tokenizer = Tokenizer.from_dir(path, instruction_tuned=chat)
+    cache = dict(cache_length=cache_length, prefill_chunk=prefill_chunk, cache_dtype=cache_dtype)
+    return Sampler(model, tokenizer, mesh=mesh, **cache)
 
 
 def served_names(source: str | None, served_model_name: str | None = None) -> list[str]:

@@ -71,7 +71,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         type=_positive(int),
         default=None,
         metavar="TOKENS",
-        help="longest prompt (default: the model's context)",
+        help="longest prompt; start-up compiles the prefill of every prompt bucket up to it, so nothing compiles "
+        "while serving, and a lower bound starts faster (default: the model's context less one)",
     )
     g.add_argument(
         "--api-key",
