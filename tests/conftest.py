@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import subprocess
@@ -16,10 +17,24 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The CLIs keep compiled programs in a persistent cache unless this is set; tests run the CLIs without one.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
+import jax
 import numpy as np
 import pytest
 
 import gemma_jax as gj
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every jit cache after each test module.
+
+    Each XLA:CPU executable keeps memory maps of its code, and the suite compiles thousands of programs in one
+    process (the server tests alone peak at 16,887 maps): past the kernel's `vm.max_map_count` (65,530 here) the
+    next compile segfaulted. Freed programs release their maps; a module's own no-recompile checks are unaffected.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def hf_model(config: gj.GemmaConfig, seed: int = 0):
