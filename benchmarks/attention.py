@@ -7,12 +7,14 @@ transformers and DeepMind `gemma`, measured in one run and printed as ratios (ne
 
 Parts:
   real    the embedded Gemma 3 270M, float32, greedy, 64 new tokens, batch 1 and 4, 5- and 512-token prompts:
-          decode tok/s and prefill time with the default 16k cache, with a request-sized cache and with HF
-          `generate` on the same GGUF weights. Prefill includes creating the cache, as `generate` does.
+          decode tok/s and prefill time with the defaults (a 16k context, of which `generate` allocates what
+          the request needs rounded up to 256, 1k, 4k or 16k slots: `request_cache_length`), with a Sampler whose
+          whole context is the request, and with HF `generate` on the same GGUF weights. Prefill includes
+          creating the cache, as `generate` does.
   step    gemma-2-2b shape, 2 layers, bf16, batch 8, 128 tokens filled: one decode step at capacity 16k vs 1k.
   memory  a compiled 2048-token prefill chunk into a 16k cache vs a 2k cache: XLA's temporary bytes.
   peers   the configs of ../shared/peers (tiny and 2b-slice, fp32 and bf16, batch 1 and 8, 512-token prompt):
-          ours with the default 16k cache beside HF (eager) and DeepMind `gemma`, each run by its own script in
+          ours with the defaults (16k context) beside HF (eager) and DeepMind `gemma`, each run by its own script in
           a subprocess (DM needs its own venv: --dm-python; see ../shared/peers/README.md).
   bf16    the real 270M on 500+ tokens of fixed text (README.md): bfloat16 against float32 logits, top-1
           agreement and the largest logit difference; and its decode tok/s in both (which default is faster).
@@ -255,7 +257,7 @@ def part_peers(args) -> None:
                 for batch in batches:
                     res = r["results"][f"b{batch}"]
                     dm[r["model"], r["dtype"], batch] = (res["prefill_tok_s"], res["decode_tok_s"])
-    print("\n## peers: tok/s, ours with the default 16k cache; HF eager and DM gemma as their scripts run them")
+    print("\n## peers: tok/s, ours with the defaults (16k context); HF eager and DM gemma as their scripts run them")
     print(
         f"{'case':<26} | {'prefill ours':>12} {'HF':>8} {'DM':>8} | {'decode ours':>11} {'HF':>8} {'DM':>8} | "
         "prefill /DM  decode /DM /HF   bf16/fp32"

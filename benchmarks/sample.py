@@ -53,7 +53,7 @@ def bench_ours(sampler: Sampler, config, batch: int, length: int, new: int, repe
     prefill_s, decode_s, decoded = float("inf"), float("inf"), 0
     for _ in range(repeats + 1):  # the first run compiles
         t0 = time.perf_counter()  # creating the cache is part of a request's prefill, as in `generate`
-        logits, cache = jax.block_until_ready(sampler.prefill(sampler.new_cache(batch), ids))
+        logits, cache = jax.block_until_ready(sampler.prefill(sampler.request_cache(ids, 1 + new), ids))
         t1 = time.perf_counter()
         dstate = jax.block_until_ready(sampler.start(logits, ids, 1 + new, greedy, seed=0))
         t2, decoded = time.perf_counter(), 0

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 MIN_BUCKET = 32  # shortest padded prompt; buckets double up to the prefill chunk
 NO_TOKEN = -1  # in decode output: the row produced nothing at this step
 SCORE_CHUNK = 256  # longest prompt piece a scored prefill takes at once: its [T, V] float32 logits stay small
+MIN_REQUEST_CACHE = 256  # fewest slots per row `generate` allocates; sizes grow 4x from here up to cache_length
 
 
 @struct.dataclass
@@ -100,6 +101,21 @@ def bucket(length: int, chunk: int) -> int:
     if length > chunk:
         return -(-length // chunk) * chunk
     return min(chunk, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
+
+
+def request_cache_length(longest: int, max_new_tokens: int, chunk: int, cache_length: int) -> int:
+    """Slots per row for one `generate` call: its longest prompt plus `max_new_tokens` (and its padded prompt),
+    rounded up to MIN_REQUEST_CACHE times a power of four, at most `cache_length`.
+
+    Creating a cache writes every slot (XLA has no uninitialized buffer): four rows of the 270M at 16k are 464
+    MB, which cost a short request more than its prefill; a sliding layer's ring is as long as the cache up to
+    its window, and a prefill chunk copies its ring. Powers of four bound the programs to compile (four sizes:
+    256, 1k, 4k, 16k); attention reads only the filled slots whatever the size.
+    """
+    need, size = max(longest + max_new_tokens, bucket(longest, chunk)), MIN_REQUEST_CACHE
+    while size < need:
+        size *= 4
+    return min(cache_length, size)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,12 +270,14 @@ def default_cache_dtype(compute_dtype: jnp.dtype, backend: str) -> jnp.dtype:
 
 
 class Sampler:
-    """Generates text from a `Transformer` with a KV cache of `cache_length` tokens per row.
+    """Generates text from a `Transformer` with a KV cache of up to `cache_length` tokens per row.
 
-    Prompts longer than `prefill_chunk` are prefilled in chunks of that size (attention over a
-    chunk costs [B, N, chunk, cache + chunk] scores). Each decode call runs up to `decode_steps`
-    steps (`stream_steps` when streaming) and stops early once every row is done, so one compile
-    per batch size serves any `max_new_tokens`. The model's weights are captured when the Sampler is built.
+    `cache_length` is the context: the most a row's prompt and completion may hold. `generate` and `stream`
+    allocate what the request needs (`request_cache_length`); a server's batch (`new_cache`) takes all of it.
+    Prompts longer than `prefill_chunk` are prefilled in chunks of that size, attending over the filled
+    prefix and the chunk a key block at a time. Each decode call runs up to `decode_steps` steps
+    (`stream_steps` when streaming) and stops early once every row is done, so one compile per (batch
+    size, cache size) serves any `max_new_tokens`. The model's weights are captured when the Sampler is built.
     With a `mesh` (the one the model is sharded over), caches are created in their shardings and the
     jitted steps run under the mesh, so the model's sharding constraints apply.
     """
@@ -310,6 +328,14 @@ class Sampler:
         if self.mesh is None:
             return KVCache.create(self.config, batch, length, self.cache_dtype)
         return sharding.init_cache(self.config, batch, length, self.cache_dtype, self.mesh)
+
+    def request_cache(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> KVCache:
+        """The empty cache `generate` and `stream` use for `prompts` (token ids) and `max_new_tokens`: one row per
+        prompt, `request_cache_length` slots."""
+        longest = max(map(len, prompts))
+        return self.new_cache(
+            len(prompts), request_cache_length(longest, max_new_tokens, self.prefill_chunk, self.cache_length)
+        )
 
     def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, KVCache]:
         """Write token-id prompts (one per cache row) into `cache`; return each row's next-token logits [B, V].
@@ -469,7 +495,7 @@ class Sampler:
 
     def _run(self, ids, max_new_tokens, params, seed, steps) -> Iterator[np.ndarray]:
         """Prefill, start, then decode `steps` at a time until every row is done: yields new tokens [B, n]."""
-        logits, cache = self.prefill(self.new_cache(len(ids)), ids)
+        logits, cache = self.prefill(self.request_cache(ids, max_new_tokens), ids)
         dstate = self.start(logits, ids, max_new_tokens, params, seed)
         yield np.asarray(dstate.tokens)[:, None]
         while not bool(jnp.all(dstate.done)):

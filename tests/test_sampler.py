@@ -119,6 +119,28 @@ def test_chunked_prefill_and_buckets(models, tiny_tokenizer, caplog):
     assert sampler_lib._prefill_chunk._cache_size() == compiled
 
 
+def test_generate_allocates_the_request_not_the_context(models, tiny_tokenizer, monkeypatch):
+    """With a long context, `generate` creates a cache for its request (prompt + max_new_tokens, 256 slots times a
+    power of four, up to the context) and gives the same tokens as a sampler whose whole context is that short."""
+    assert sampler_lib.request_cache_length(5, 64, 2048, 16384) == 256
+    assert sampler_lib.request_cache_length(200, 100, 2048, 16384) == 1024
+    assert sampler_lib.request_cache_length(1000, 24, 2048, 16384) == 1024
+    assert sampler_lib.request_cache_length(1000, 100, 2048, 16384) == 4096
+    assert sampler_lib.request_cache_length(3000, 10, 4096, 16384) == 4096
+    assert sampler_lib.request_cache_length(4097, 10, 2048, 16384) == 16384  # its padded prompt (6144) fits
+    assert sampler_lib.request_cache_length(16000, 300, 2048, 16384) == 16384
+    assert sampler_lib.request_cache_length(5, 10, 2048, 96) == 96
+    _, ours = models
+    long = make(ours, tiny_tokenizer, cache_length=8192)
+    sizes = []
+    new_cache = long.new_cache
+    monkeypatch.setattr(long, "new_cache", lambda batch, length=None: sizes.append(length) or new_cache(batch, length))
+    batch = prompts([7, 30])
+    assert long.generate(batch, max_new_tokens=20) == make(ours, tiny_tokenizer).generate(batch, max_new_tokens=20)
+    assert sizes == [256]
+    assert max(g.size for g in long.new_cache(1).groups) == 8192  # a server's batch takes the whole context
+
+
 def test_stream_equals_generate(models, tiny_tokenizer):
     _, model = models
     sampler = make(model, tiny_tokenizer)

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_serve  # skips this module without the serve extra and the openai client
-from conftest import start_server
 from test_serve import MODEL, Server, post
 
 from gemma_jax import checkpoint
@@ -41,8 +40,10 @@ def model(ckpt):
 
 @pytest.fixture(scope="module")
 def server(model, ckpt):
-    """prefill_chunk 32: a prompt of ~60 tokens is scored over several chunks."""
-    engine = Engine(Sampler(model, Tokenizer.from_dir(ckpt), cache_length=CONTEXT, prefill_chunk=32), slots=4)
+    """prefill_chunk 32: a prompt of ~60 tokens is scored over several chunks. Prompts of up to 96 tokens (the
+    tests' are shorter): three prompt buckets to compile, not eight."""
+    sampler = Sampler(model, Tokenizer.from_dir(ckpt), cache_length=CONTEXT, prefill_chunk=32)
+    engine = Engine(sampler, slots=4, max_prompt_tokens=96)
     engine.warmup()
     s = Server(engine)
     yield s
@@ -295,28 +296,21 @@ def test_tokenizer_endpoints(server):
 
 
 def test_lm_eval_harness_local_completions(ckpt, server, forward, tmp_path):
-    """`lm-eval run --model local-completions` against `python -m gemma_jax.serve`, on the local tasks of
-    tests/data/lm_eval (a multiple_choice and a generate_until task, no hub): its tokenizer is the server's
-    (vLLM's /tokenize, found by `tokenizer_backend=remote`), and each loglikelihood it reports equals the
-    model's own summed logprobs of the same continuation within 1e-4; its generations are the greedy ones.
-    Batches of 4 prompts per request, as `--batch_size 4` sends them."""
+    """`lm-eval run --model local-completions` against the server, on the local tasks of tests/data/lm_eval (a
+    multiple_choice and a generate_until task, no hub): its tokenizer is the server's (vLLM's /tokenize, found by
+    `tokenizer_backend=remote`), and each loglikelihood it reports equals the model's own summed logprobs of the
+    same continuation within 1e-4; its generations are the greedy ones. Batches of 4 prompts per request, as
+    `--batch_size 4` sends them. (The CLI's server is the same app: test_serve runs it.)"""
     pytest.importorskip("lm_eval")
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    env = {**os.environ, **offline}
-    args = ["--checkpoint", str(ckpt), "--dtype", "f32", "--cache-length", str(CONTEXT), "--served-model-name", MODEL]
-    proc, url = start_server(args, env=env, timeout=180)
-    try:
-        model_args = f"model={MODEL},base_url={url}/v1/completions,tokenizer_backend=remote,max_length={CONTEXT}"
-        run = subprocess.run(
-            [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
-             "--tasks", "gemma_jax_tiny_mc,gemma_jax_tiny_gen", "--include_path", str(TASKS),
-             "--batch_size", "4", "--log_samples", "--output_path", str(tmp_path / "out")],
-            cwd=TASKS, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stdout + run.stderr
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    model_args = f"model={MODEL},base_url={server.url}/v1/completions,tokenizer_backend=remote,max_length={CONTEXT}"
+    run = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
+         "--tasks", "gemma_jax_tiny_mc,gemma_jax_tiny_gen", "--include_path", str(TASKS),
+         "--batch_size", "4", "--log_samples", "--output_path", str(tmp_path / "out")],
+        cwd=TASKS, env={**os.environ, **offline}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
     tok = Tokenizer.from_dir(ckpt)
     (mc,) = (tmp_path / "out").glob("**/samples_gemma_jax_tiny_mc_*.jsonl")
     samples = [json.loads(line) for line in mc.read_text().splitlines()]
