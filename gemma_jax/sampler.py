@@ -109,7 +109,7 @@ def request_cache_length(longest: int, max_new_tokens: int, chunk: int, cache_le
 
     Creating a cache writes every slot (XLA has no uninitialized buffer): four rows of the 270M at 16k are 464
     MB, which cost a short request more than its prefill; a sliding layer's ring is as long as the cache up to
-    its window, and a prefill chunk copies its ring. Powers of four bound the programs to compile (four sizes:
+    its window, and a prefill chunk reads and writes its ring. Powers of four bound the programs to compile (four sizes:
     256, 1k, 4k, 16k); attention reads only the filled slots whatever the size.
     """
     need, size = max(longest + max_new_tokens, bucket(longest, chunk)), MIN_REQUEST_CACHE
