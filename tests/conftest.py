@@ -23,6 +23,25 @@ import pytest
 
 import gemma_jax as gj
 
+# The longest modules (about a minute or more each), first: the two workers take modules in this order, so the
+# short ones fill in at the end instead of one long module running alone after the other worker has finished.
+LONGEST_FIRST = (
+    "test_serve.py",
+    "test_serve_engine.py",
+    "test_notebooks.py",
+    "test_real_model.py",
+    "test_readme.py",
+    "test_serve_eval.py",
+    "test_sharding.py",
+    "test_kv_cache_8bit.py",
+    "test_sppo_train.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
