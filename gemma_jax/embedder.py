@@ -48,4 +48,4 @@ class Embedder(nnx.Module):
         table = self._table()
         if isinstance(table, quant.QArray):  # the table [V, D] is the quantized layout [O, K] of "BTD,DV->BTV"
             return quant.einsum("BTD,DV->BTV", x, table, out_dtype=jnp.float32)
-        return jnp.einsum("BTD,VD->BTV", x, table.astype(self.dtype), preferred_element_type=jnp.float32)
+        return quant.float_einsum("BTD,VD->BTV", x, table.astype(self.dtype))

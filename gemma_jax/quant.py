@@ -183,7 +183,7 @@ def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, *, out_dtype: jnp.dty
     dtype = x.dtype
     out_dtype = out_dtype or dtype
     if not isinstance(w, QArray):
-        return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+        return float_einsum(spec, x, w.astype(dtype)).astype(out_dtype)
     b, k, o = split_spec(spec)
     if not w.w8a8:
         y = jnp.einsum(f"{b}{k},{o}{k}->{b}{o}", x, w.values.astype(dtype), preferred_element_type=jnp.float32)
@@ -197,6 +197,24 @@ def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, *, out_dtype: jnp.dty
     )  # [M, O]
     y = y.astype(jnp.float32) * xq.scale[:, None] * w.scale.reshape(1, -1)
     return y.astype(out_dtype).reshape(*batch_shape, *out_shape)
+
+
+def float_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, x, w) accumulated and returned in float32.
+
+    XLA:CPU runs a 16-bit float matmul of a single row (a batch-1 decode step) as a float32 one, converting
+    the whole weight first; in a decode loop those converts are hoisted, a float32 copy of every weight per
+    call (2b shape, 4 layers, bf16: 2.5 s a call). Two rows take its bf16 GEMM, so there a single row is
+    computed beside a zero row.
+    """
+    (x_axes, w_axes), out_axes = (part.split(",") for part in spec.split("->"))
+    rows = math.prod(n for axis, n in zip(x_axes, x.shape, strict=True) if axis not in w_axes)
+    leading = out_axes[0][0] == x_axes[0]  # the zero row goes on x's first axis, which leads the output
+    pad = rows == 1 and leading and x.dtype.itemsize == 2 and jax.default_backend() == "cpu"
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros_like(x)])
+    y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    return y[:1] if pad else y
 
 
 def native_fp8_dot(device: jax.Device | None = None) -> bool:

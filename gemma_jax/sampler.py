@@ -27,7 +27,7 @@ from gemma_jax import kv_cache, sharding
 from gemma_jax.kv_cache import EMPTY, KVCache, LayerCache
 from gemma_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams, penalize, sample, token_logprobs
 from gemma_jax.tokenizer import Tokenizer
-from gemma_jax.transformer import Transformer
+from gemma_jax.transformer import Transformer, split_groups
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,8 @@ class Sampler:
     (`stream_steps` when streaming) and stops early once every row is done, so one compile per (batch
     size, cache size) serves any `max_new_tokens`. The model's weights are captured when the Sampler is built.
     With a `mesh` (the one the model is sharded over), caches are created in their shardings and the
-    jitted steps run under the mesh, so the model's sharding constraints apply.
+    jitted steps run under the mesh, so the model's sharding constraints apply. On CPU without a mesh the
+    decode loop runs on its own copy of the layer weights, held apart per group (`transformer.split_groups`).
     """
 
     def __init__(
@@ -317,6 +318,11 @@ class Sampler:
         self.stream_steps = stream_steps
         self.mesh = mesh
         self._graphdef, self._state = nnx.split(model)
+        # The decode loop's model. XLA:CPU copies scanned weights out of their stack on every decode step, so
+        # there the groups are held apart (a copy of the layer weights; `split_groups`). Prefill runs once per
+        # chunk and keeps the scan, which compiles faster.
+        split = jax.default_backend() == "cpu" and mesh is None
+        self._decode_graphdef, self._decode_state = nnx.split(split_groups(model)) if split else nnx.split(model)
         self._stop_ids = jnp.asarray(tokenizer.stop_ids, jnp.int32)
 
     # -- the pieces a server composes -------------------------------------------------------
@@ -446,7 +452,7 @@ class Sampler:
         `jax.device_get` wait), so a server can dispatch the next call first and the device never waits on the host.
         """
         with sharding.on_mesh(self.mesh):
-            return _decode(self._graphdef, self._state, cache, dstate, self._stop_ids, num_steps)
+            return _decode(self._decode_graphdef, self._decode_state, cache, dstate, self._stop_ids, num_steps)
 
     # -- whole requests ---------------------------------------------------------------------
 

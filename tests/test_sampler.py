@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import hf_model, hf_state_dict
+from flax import nnx
 
 import gemma_jax as gj
 from gemma_jax import sampler as sampler_lib
@@ -258,3 +260,46 @@ def test_cache_dtype_defaults():
     assert sampler_lib.default_cache_dtype(jnp.bfloat16, "tpu") == jnp.bfloat16
     assert sampler_lib.default_cache_dtype(jnp.bfloat16, "cpu") == jnp.float32
     assert sampler_lib.default_cache_dtype(jnp.float32, "cpu") == jnp.float32
+
+
+def test_split_groups_is_the_same_model():
+    """Groups held apart (a loop) compute what the scanned stack computes: a prefill into a cache, then a decode
+    step, with a tail layer after the groups (5 layers = 2 groups + 1)."""
+    config = gj.gemma2_tiny(num_layers=5, sliding_window=4)
+    model = gj.Transformer(config, rngs=nnx.Rngs(0))
+    split = gj.transformer.split_groups(model)
+    assert isinstance(split.groups, nnx.List) and len(split.groups) == config.num_groups
+    assert not isinstance(model.groups, nnx.List)  # the model itself is left as it was
+    tokens = jnp.asarray(prompts([9, 9], seed=1))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def prefill_and_step(graphdef, state):
+        m = nnx.merge(graphdef, state)
+        logits, cache = m(tokens, cache=gj.KVCache.create(config, 2, 16, jnp.float32))
+        step, cache = m(tokens[:, -1:], jnp.full((2, 1), 9), cache=cache)
+        return logits, step, cache
+
+    outs = [prefill_and_step(*nnx.split(m)) for m in (model, split)]
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def weight_slices(sampler: Sampler, kernel_shape: tuple[int, ...]) -> int:
+    """Instructions in the compiled decode loop that slice a layer's MLP kernel out of something."""
+    cache, state = sampler.new_cache(1), DecodeState.empty(1, CONFIG.vocab_size)
+    lowered = sampler_lib._decode.lower(
+        sampler._decode_graphdef, sampler._decode_state, cache, state, sampler._stop_ids, 4
+    )
+    shape = "f32[" + ",".join(map(str, kernel_shape)) + "]"
+    return sum(1 for line in lowered.compile().as_text().splitlines() if f"= {shape}" in line and "slice" in line)
+
+
+def test_cpu_decode_reads_layer_weights_in_place(models, tiny_tokenizer):
+    """On CPU the Sampler holds the layer groups apart, so no decode step copies a layer's weights out of the
+    stack; a Sampler over the stacked groups (as on a mesh) does, which shows the count can see them."""
+    _, ours = models
+    kernel = ours.groups.layers[0].mlp.gate.kernel.shape[1:]  # one layer's [D, F]
+    assert weight_slices(make(ours, tiny_tokenizer), kernel) == 0
+    stacked = make(ours, tiny_tokenizer)
+    stacked._decode_graphdef, stacked._decode_state = nnx.split(ours)
+    assert weight_slices(stacked, kernel) > 0
