@@ -42,9 +42,10 @@ def use_compilation_cache(cache_dir: str | os.PathLike | None = None) -> None:
 
 
 def default_dtype(embedded: bool) -> str:
-    """float32 for the embedded model and on CPU, else bfloat16: XLA's CPU backend upcasts bf16 weights sliced
-    out of the layer stack to float32 copies, so bf16 ran slower than float32 there (270M: 10.7 vs 13.2 tok/s;
-    gemma-2-2b slice: 3.5 vs 5.2; benchmarks/attention.py --parts bf16,peers)."""
+    """float32 for the embedded model and on CPU, else bfloat16. In a decode loop XLA's CPU backend copies a bf16
+    embedding table whole at each call (a float32 copy for the lookup, a transposed one for the logits), so bf16
+    decodes one row slower than float32 there (270M: 17.4 vs 18.1 tok/s; gemma-2-2b slice: 4.6 vs 7.3;
+    benchmarks/attention.py --parts bf16,peers)."""
     if embedded:
         return default_model.DTYPE
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
