@@ -321,8 +321,10 @@ class Sampler:
         # The decode loop's model. XLA:CPU copies scanned weights out of their stack on every decode step, so
         # there the groups are held apart (a copy of the layer weights; `split_groups`). Prefill runs once per
         # chunk and keeps the scan, which compiles faster.
-        split = jax.default_backend() == "cpu" and mesh is None
-        self._decode_graphdef, self._decode_state = nnx.split(split_groups(model)) if split else nnx.split(model)
+        if jax.default_backend() == "cpu" and mesh is None:
+            self._decode_graphdef, self._decode_state = nnx.split(split_groups(model))
+        else:
+            self._decode_graphdef, self._decode_state = self._graphdef, self._state
         self._stop_ids = jnp.asarray(tokenizer.stop_ids, jnp.int32)
 
     # -- the pieces a server composes -------------------------------------------------------

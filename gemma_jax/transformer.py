@@ -92,12 +92,8 @@ class Transformer(nnx.Module):
         graphdef, state = nnx.split(self.groups)
 
         def body(carry, xs):
-            x, caches = carry
             group_state, index = xs
-            group = nnx.merge(graphdef, group_state)
-            views = None if caches is None else tuple(c.view(index) for c in caches)
-            x, views = group(x, positions, views)
-            return (x, None if views is None else tuple(c.stacked() for c in views)), None
+            return _run_group(nnx.merge(graphdef, group_state), index, *carry, positions), None
 
         if self.remat:
             body = jax.checkpoint(body)
@@ -109,10 +105,15 @@ class Transformer(nnx.Module):
         """Run groups held apart (`split_groups`) one after another; each reads and writes its layer of the
         stacked cache in place, as in the scan."""
         for index, group in enumerate(self.groups):
-            views = None if caches is None else tuple(c.view(jnp.int32(index)) for c in caches)
-            x, views = group(x, positions, views)
-            caches = None if views is None else tuple(c.stacked() for c in views)
+            x, caches = _run_group(group, jnp.int32(index), x, caches, positions)
         return x, caches
+
+
+def _run_group(group: LayerGroup, index: jax.Array, x, caches, positions):
+    """Group `index` on x, reading and writing its layer of the stacked caches in place (a view)."""
+    views = None if caches is None else tuple(c.view(index) for c in caches)
+    x, views = group(x, positions, views)
+    return x, None if views is None else tuple(c.stacked() for c in views)
 
 
 def split_groups(model: Transformer) -> Transformer:
@@ -127,8 +128,7 @@ def split_groups(model: Transformer) -> Transformer:
     """
     if model.groups is None or isinstance(model.groups, nnx.List):
         return model
-    graphdef, state = nnx.split(model)
-    split = nnx.merge(graphdef, state)  # a new module tree over the same arrays
+    split = nnx.clone(model)  # a new module tree over the same arrays
     group_def, group_state = nnx.split(model.groups)
     split.groups = nnx.List(
         nnx.merge(group_def, jax.tree.map(lambda w, i=i: _layer(w, i), group_state))

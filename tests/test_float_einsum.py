@@ -33,7 +33,7 @@ def test_one_bf16_row_reads_the_weight_as_stored_on_cpu():
     """A plain one-row bf16 einsum converts the whole weight to float32 on XLA:CPU (the control); the padded
     one does not."""
     if jax.default_backend() != "cpu":
-        pytest.skip("the padding is for XLA:CPU only")
+        pytest.skip(f"float_einsum pads one-row matmuls on XLA:CPU only; this backend is {jax.default_backend()}")
     x = jax.ShapeDtypeStruct((1, 1, D), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((D, F), jnp.bfloat16)
     plain = lambda x, w: jnp.einsum("BTD,DF->BTF", x, w, preferred_element_type=jnp.float32)  # noqa: E731
