@@ -40,12 +40,24 @@ class Embedder(nnx.Module):
         if isinstance(table, quant.QArray):
             x = table.take(tokens, self.dtype)  # [B, T, D]: only the gathered rows are dequantized
         else:
+            if table.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+                # XLA:CPU gathers bfloat16 rows from a float32 copy of the table; in a decode loop that convert is
+                # loop-invariant and hoisted, a float32 table per call (2b shape: 0.8 s). Tied to the tokens by a
+                # barrier, the table is not invariant, and only the gathered rows are converted.
+                table, tokens = jax.lax.optimization_barrier((table, tokens))
             x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         return x * jnp.asarray(self.multiplier, self.dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
-        # float32 logits, accumulated in float32 whatever the compute dtype (see Linear)
+        """float32 logits [B, T, V], accumulated in float32 whatever the compute dtype (see Linear).
+
+        The rows are flattened to [B*T, D] first: with two free axes on x, XLA:CPU lays the bf16 table out
+        transposed, a [D, V] copy per call (2b shape: 0.6 s, and the GEMM on it was slower than on [V, D]).
+        """
         table = self._table()
-        if isinstance(table, quant.QArray):  # the table [V, D] is the quantized layout [O, K] of "BTD,DV->BTV"
-            return quant.einsum("BTD,DV->BTV", x, table, out_dtype=jnp.float32)
-        return quant.float_einsum("BTD,VD->BTV", x, table.astype(self.dtype))
+        rows = x.reshape(-1, x.shape[-1])  # [N, D]
+        if isinstance(table, quant.QArray):  # the table [V, D] is the quantized layout [O, K] of "ND,DV->NV"
+            logits = quant.einsum("ND,DV->NV", rows, table, out_dtype=jnp.float32)
+        else:
+            logits = quant.float_einsum("ND,VD->NV", rows, table.astype(self.dtype))
+        return logits.reshape(*x.shape[:-1], -1)

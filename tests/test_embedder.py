@@ -1,0 +1,80 @@
+"""The tied embedding in a bfloat16 decode loop: the table is read as stored, with no per-call copy of it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gemma_jax.embedder import Embedder
+
+V, D = 512, 64
+
+
+def embedder(dtype=jnp.bfloat16) -> Embedder:
+    return Embedder(V, D, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+
+
+def test_logits_and_lookup_equal_the_float32_math():
+    emb = embedder()
+    table = np.asarray(emb.embedding[...], np.float32)
+    tokens = jnp.asarray([[3, 7, 511], [0, 1, 2]])
+    x = emb.encode(tokens)  # [2, 3, D]
+    expected = (table[np.asarray(tokens)] * np.float32(jnp.asarray(D**0.5, jnp.bfloat16))).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(expected, np.float32))
+    logits = emb.decode(x)
+    assert logits.shape == (2, 3, V) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(x, np.float32) @ table.T, rtol=1e-5, atol=1e-4)
+
+
+def table_copies(lookup, logits) -> dict[str, int]:
+    """Instructions of a compiled 4-step greedy loop (look a token up, take the logits, pick the next token)
+    that make a whole float32 table [V, D] or a transposed bf16 table [D, V] once per call."""
+    emb = embedder()
+
+    @jax.jit
+    def loop(table, token):
+        def body(_, token):  # token [B]
+            return jnp.argmax(logits(lookup(table, token[:, None]), table), -1)[:, 0].astype(jnp.int32)
+
+        return jax.lax.fori_loop(0, 4, body, token)
+
+    text = loop.lower(emb.embedding[...], jnp.zeros((2,), jnp.int32)).compile().as_text()
+    entry = text.split("\nENTRY", 1)[1]  # what runs once per call; the loop body's fusions are above it
+    lines = [line.split("=", 1)[1] for line in entry.splitlines()[1:] if "=" in line]
+    return {
+        "float32 table": sum(1 for rhs in lines if rhs.strip().startswith(f"f32[{V},{D}]")),
+        "transposed table": sum(1 for rhs in lines if rhs.strip().startswith(f"bf16[{D},{V}]")),
+    }
+
+
+def ours_lookup(table, tokens):
+    emb = embedder()
+    emb.embedding.set_value(table)
+    return emb.encode(tokens)
+
+
+def ours_logits(x, table):
+    emb = embedder()
+    emb.embedding.set_value(table)
+    return emb.decode(x)
+
+
+def test_bf16_decode_loop_reads_the_table_as_stored_on_cpu():
+    """XLA:CPU converts a bf16 table to float32 to gather from it, and lays it out [D, V] for logits of [B, T, D];
+    in a loop both are hoisted, a whole copy per call. A plain lookup and a plain einsum (the controls) make
+    them; the Embedder makes neither."""
+    if jax.default_backend() != "cpu":
+        pytest.skip(f"the copies are XLA:CPU's; this backend is {jax.default_backend()}")
+
+    def plain_lookup(table, tokens):
+        return jnp.take(table, tokens, axis=0)
+
+    def plain_logits(x, table):
+        return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+
+    assert table_copies(plain_lookup, ours_logits)["float32 table"] > 0
+    assert table_copies(ours_lookup, plain_logits)["transposed table"] > 0
+    assert table_copies(ours_lookup, ours_logits) == {"float32 table": 0, "transposed table": 0}
