@@ -42,10 +42,10 @@ def use_compilation_cache(cache_dir: str | os.PathLike | None = None) -> None:
 
 
 def default_dtype(embedded: bool) -> str:
-    """float32 for the embedded model and on CPU, else bfloat16. In a decode loop XLA's CPU backend copies a bf16
-    embedding table whole at each call (a float32 copy for the lookup, a transposed one for the logits), so bf16
-    decodes one row slower than float32 there (270M: 17.4 vs 18.1 tok/s; gemma-2-2b slice: 4.6 vs 7.3;
-    benchmarks/attention.py --parts bf16,peers)."""
+    """float32 for the embedded model and on CPU, else bfloat16. The CLI decodes one row, and there XLA's CPU
+    bf16 matmul (two rows, the padded one-row case) streams weights at about 12 GB/s against 27 for its float32
+    GEMV, so half the bytes do not pay: 270M 21.0 vs 21.3 tok/s, gemma-2-2b slice 7.0 vs 7.6; at batch 8 bf16
+    is faster (39.7 vs 24.4). benchmarks/attention.py --parts bf16,peers."""
     if embedded:
         return default_model.DTYPE
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
