@@ -1,4 +1,5 @@
-"""The tied embedding in a bfloat16 decode loop: the table is read as stored, with no per-call copy of it."""
+"""The tied embedding: in a bfloat16 decode loop the table is read as stored, with no per-call copy of it; float32
+logits of a few rows on CPU take a multiply-and-reduce, with the einsums' gradient."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gemma_jax.embedder import Embedder
+from gemma_jax.embedder import Embedder, few_rows_logits
 
 V, D = 512, 64
 
@@ -69,3 +70,38 @@ def test_bf16_decode_loop_reads_the_table_as_stored_on_cpu():
     assert table_copies(plain_lookup, Embedder.decode)["float32 table"] > 0
     assert table_copies(Embedder.encode, plain_logits)["transposed table"] > 0
     assert table_copies(Embedder.encode, Embedder.decode) == {"float32 table": 0, "transposed table": 0}
+
+
+@pytest.mark.parametrize("rows", [2, 64])
+def test_few_rows_logits_and_gradient_equal_the_einsum(rows):
+    kx, kt, kg = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (rows, D), jnp.float32)
+    table = jax.random.normal(kt, (V, D), jnp.float32)
+    g = jax.random.normal(kg, (rows, V), jnp.float32)
+    einsum = lambda x, t: jnp.einsum("ND,VD->NV", x, t, precision="highest")  # noqa: E731
+    np.testing.assert_allclose(few_rows_logits(x, table), einsum(x, table), rtol=1e-5, atol=1e-4)
+    ours = jax.vjp(few_rows_logits, x, table)[1](g)
+    expected = jax.vjp(einsum, x, table)[1](g)
+    for a, b in zip(ours, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
+
+
+def test_few_rows_logits_gradient_builds_no_product_tensor():
+    """The reduce's own gradient would hold [V, N, D] (4.3 GB here; XLA plans 12.9 GB); the custom one needs about
+    the [V, D] result."""
+    vocab, rows, dim = 16384, 64, 1024
+    table = jax.ShapeDtypeStruct((vocab, dim), jnp.float32)
+    x = jax.ShapeDtypeStruct((rows, dim), jnp.float32)
+    loss = lambda x, t: jnp.sum(few_rows_logits(x, t) ** 2)  # noqa: E731
+    temp = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, table).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 4 * vocab * dim * 2
+
+
+def test_float32_decode_of_a_few_rows_reduces_on_cpu():
+    """On XLA:CPU, float32 logits of 2 to 64 rows take the multiply-and-reduce; one row keeps the GEMV (a dot)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip(f"the few-rows logits are XLA:CPU's; this backend is {jax.default_backend()}")
+    emb = embedder(jnp.float32)
+    jaxpr = {rows: str(jax.make_jaxpr(emb.decode)(jnp.zeros((rows, 1, D), jnp.float32))) for rows in (1, 8)}
+    assert "dot_general" in jaxpr[1] and "custom_vjp_call" not in jaxpr[1]
+    assert "dot_general" not in jaxpr[8] and "custom_vjp_call" in jaxpr[8] and "reduce_sum" in jaxpr[8]
