@@ -44,8 +44,9 @@ def use_compilation_cache(cache_dir: str | os.PathLike | None = None) -> None:
 def default_dtype(embedded: bool) -> str:
     """float32 for the embedded model and on CPU, else bfloat16. The CLI decodes one row, and there XLA's CPU
     bf16 matmul (two rows, the padded one-row case) streams weights at about 12 GB/s against 27 for its float32
-    GEMV, so half the bytes do not pay: 270M 21.0 vs 21.3 tok/s, gemma-2-2b slice 7.0 vs 7.6; at batch 8 bf16
-    is faster (39.7 vs 24.4). benchmarks/attention.py --parts bf16,peers."""
+    GEMV, so half the bytes do not pay: 270M about even (21.0 vs 21.3 tok/s, 18.1 vs 17.8 in another run),
+    gemma-2-2b slice 7.0 vs 7.6; at batch 8 bf16 is faster (41.2 vs 28.1). benchmarks/attention.py --parts
+    bf16,peers."""
     if embedded:
         return default_model.DTYPE
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"

@@ -100,7 +100,7 @@ def test_few_rows_logits_gradient_builds_no_product_tensor():
 def test_float32_decode_of_a_few_rows_reduces_on_cpu():
     """On XLA:CPU, float32 logits of 2 to 64 rows take the multiply-and-reduce; one row keeps the GEMV (a dot)."""
     if jax.default_backend() != "cpu":
-        pytest.skip(f"the few-rows logits are XLA:CPU's; this backend is {jax.default_backend()}")
+        pytest.skip(f"Embedder.decode reduces few rows on XLA:CPU only; this backend is {jax.default_backend()}")
     emb = embedder(jnp.float32)
     jaxpr = {rows: str(jax.make_jaxpr(emb.decode)(jnp.zeros((rows, 1, D), jnp.float32))) for rows in (1, 8)}
     assert "dot_general" in jaxpr[1] and "custom_vjp_call" not in jaxpr[1]
